@@ -1,0 +1,50 @@
+"""Shared fixtures: real photos from the shared datasets, and a private NANOSTREAM_HOME."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------- core (engine) fixtures
+
+# One NANOSTREAM_HOME for the whole run, set before any nanostream import reads it: the
+# feature cache then serves every test after the first that needs a given image.
+os.environ["NANOSTREAM_HOME"] = tempfile.mkdtemp(prefix="nanostream-test-home-")
+# Two CPU cores: without this each test process would also start extra interop threads.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    """The shared real-photo datasets. Missing data is a failure, never a skip."""
+    from nanostream.paths import datasets_dir
+
+    root = datasets_dir()
+    assert (root / "hymenoptera" / "train" / "ants").is_dir(), (
+        f"shared datasets not found at {root}; set NANOSTREAM_DATASETS")
+    assert (root / "flowers" / "daisy").is_dir(), f"flowers dataset not found at {root}"
+    return root
+
+
+def copy_slice(source: Path, dest: Path, per_class: int, classes=None) -> Path:
+    """Copy the first `per_class` photos (sorted by name) of each class folder into dest."""
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        if classes and class_dir.name not in classes:
+            continue
+        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for photo in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy(photo, dest / class_dir.name / photo.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_hymenoptera(datasets, tmp_path_factory) -> Path:
+    """train/ (6 per class) + val/ (4 per class) of real ant and bee photos."""
+    root = tmp_path_factory.mktemp("hymenoptera")
+    copy_slice(datasets / "hymenoptera" / "train", root / "train", 6)
+    copy_slice(datasets / "hymenoptera" / "val", root / "val", 4)
+    return root
