@@ -60,8 +60,8 @@ class AugmentPolicy:
             raise ValueError(f"out of range: {', '.join(bad)} (probabilities and crop in [0, 1], others >= 0)")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high; got {self.scale}")
-        if self.views < 1:
-            raise ValueError(f"views must be >= 1; got {self.views}")
+        if self.views < 0:  # 0: no offline copies (online augmentation only, or originals only)
+            raise ValueError(f"views must be >= 0; got {self.views}")
 
     def to_dict(self) -> dict:
         """JSON-safe fields, saved beside every model so it can say how it was made."""

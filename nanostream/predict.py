@@ -81,10 +81,12 @@ class Classifier:
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, S, S) in [0, 1], already resized and cropped -> (N, classes) on the CPU."""
         out = []
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with torch.inference_mode():
             for start in range(0, len(x), BATCH_SIZE):
                 batch = x[start:start + BATCH_SIZE].to(self.device).contiguous(memory_format=torch.channels_last)
-                out.append(torch.softmax(self.head(self.backbone(batch).float()), 1).cpu())
+                with autocast(self.device, self.precision):  # the backbone only: the head stays fp32
+                    features = self.backbone(batch).float()
+                out.append(torch.softmax(self.head(features), 1).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
     def prepare(self, data: bytes) -> torch.Tensor:

@@ -1,0 +1,72 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, check=True):
+    """The CLI as a user runs it: a fresh process, exit status and both streams."""
+    proc = subprocess.run([sys.executable, "-m", "nanostream", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def last_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_hymenoptera, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "ants-bees.safetensors"
+    proc = run("train", tiny_hymenoptera, "--backbone", "efficientnet_lite0", "--views", "1",
+               "--out", out, "--json")
+    return last_json(proc), out, proc
+
+
+def test_train_json_contract(trained):
+    summary, out, proc = trained
+    for key in ("accuracy", "backbone", "classes", "n_train", "n_val", "seconds", "model_id"):
+        assert key in summary
+    assert summary["classes"] == ["ants", "bees"] and (summary["n_train"], summary["n_val"]) == (12, 8)
+    assert 0.5 <= summary["accuracy"] <= 1 and out.is_file()
+    assert "features efficientnet_lite0" in proc.stderr  # progress on stderr, not stdout
+
+
+def test_predict_json_by_model_id_and_path(trained, tiny_hymenoptera, tmp_path):
+    summary, out, _ = trained
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    photo = sorted((tiny_hymenoptera / "val" / "bees").iterdir())[0]
+    by_id = last_json(run("predict", summary["model_id"], photo, bad, "--json"))
+    assert [set(p) >= {"file", "label", "confidence", "probs"} for p in by_id] == [True, True]
+    assert by_id[0]["label"] in ("ants", "bees") and set(by_id[0]["probs"]) == {"ants", "bees"}
+    assert by_id[1]["label"] is None and by_id[1]["error"]
+    by_path = last_json(run("predict", out, photo, "--json"))
+    assert by_path[0]["probs"] == by_id[0]["probs"]
+
+
+def test_evaluate_json_contract(trained, tiny_hymenoptera):
+    report = last_json(run("evaluate", trained[0]["model_id"], tiny_hymenoptera, "--json"))
+    assert report["n"] == 8 and set(report) >= {"accuracy", "per_class", "confusion", "n"}
+    assert report["accuracy"] == pytest.approx(trained[0]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "/nonexistent/data"], "data folder not found: /nonexistent/data"),
+    (["train", "{data}", "--backbone", "resnet9000"], "valid: efficientnet_lite0"),
+    (["train", "{data}", "--augment", "sideways"], "valid"),
+    (["train", "{data}", "--out", "/proc/nope/model.safetensors"], "cannot write output"),
+    (["predict", "m-0000000000", "x.jpg"], "no model file or model id"),
+])
+def test_bad_input_is_one_clear_line(args, message, tiny_hymenoptera):
+    proc = run(*[a.replace("{data}", str(tiny_hymenoptera)) for a in args], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr

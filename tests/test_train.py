@@ -1,0 +1,96 @@
+import shutil
+
+import pytest
+import torch
+
+from nanostream.data import DataError, scan_folder
+from nanostream.head import cross_val_accuracy, fit_head, stratified_folds
+from nanostream.train import TrainConfig, train
+
+FAST = TrainConfig(backbone="efficientnet_lite0", augment="default", views=1)
+
+
+def test_fast_path_learns_ants_from_bees(tiny_hymenoptera):
+    stages = []
+    result = train(scan_folder(tiny_hymenoptera), FAST, on_progress=lambda s, d, t: stages.append(s))
+    assert result.labels == ("ants", "bees")
+    assert (result.n_train, result.n_val) == (12, 8)
+    assert result.metrics["accuracy"] >= 0.75  # 8 real val photos; chance is 0.5
+    assert set(result.metrics["per_class"]) == {"ants", "bees"}
+    assert sum(map(sum, result.metrics["confusion"])) == 8
+    assert len(result.metrics["highest_loss"]) == 8
+    assert any(s.startswith("augmenting") for s in stages)
+
+
+def test_auto_backbone_scores_every_candidate_and_picks_the_best(tiny_hymenoptera):
+    result = train(scan_folder(tiny_hymenoptera), TrainConfig(augment="none"))
+    scores = {c.backbone: c.cv_accuracy for c in result.candidates}
+    assert set(scores) >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    best = max(scores.values())
+    tied = [c for c in result.candidates if c.cv_accuracy == best]
+    assert result.backbone == min(tied, key=lambda c: c.gflops).backbone
+
+
+def test_split_is_stratified_and_fixed_by_seed(datasets, tmp_path):
+    for label in ("ants", "bees"):
+        (tmp_path / label).mkdir()
+        for photo in sorted((datasets / "hymenoptera" / "train" / label).iterdir())[:5]:
+            shutil.copy(photo, tmp_path / label)
+    config = TrainConfig(backbone="efficientnet_lite0", augment="none", seed=3)
+    a, b = train(scan_folder(tmp_path), config), train(scan_folder(tmp_path), config)
+    assert (a.n_train, a.n_val) == (8, 2)  # from 5 per class, one of each held out
+    assert a.metrics["per_class"]["ants"]["n"] == 1
+    assert [h["file"] for h in a.metrics["highest_loss"]] == [h["file"] for h in b.metrics["highest_loss"]]
+    assert torch.equal(a.head.linear.weight, b.head.linear.weight)
+
+
+def test_bad_files_are_skipped_and_counted(tiny_hymenoptera, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_hymenoptera, data)
+    (data / "train" / "ants" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (data / "train" / "bees" / "readme.txt").write_text("not an image")
+    result = train(scan_folder(data), FAST)
+    reasons = dict(result.skipped)
+    assert "not a readable image" in reasons[str(data / "train" / "ants" / "broken.jpg")]
+    assert str(data / "train" / "bees" / "readme.txt") in reasons
+    assert result.n_train == 12
+
+
+def test_single_class_and_too_few_images_are_clear_errors(datasets, tmp_path):
+    (tmp_path / "one" / "ants").mkdir(parents=True)
+    shutil.copy(next((datasets / "hymenoptera/train/ants").iterdir()), tmp_path / "one" / "ants")
+    with pytest.raises(DataError, match="at least 2 classes"):
+        train(scan_folder(tmp_path / "one"), FAST)
+    (tmp_path / "one" / "bees").mkdir()
+    for photo in sorted((datasets / "hymenoptera/train/bees").iterdir())[:3]:
+        shutil.copy(photo, tmp_path / "one" / "bees")
+    with pytest.raises(DataError, match=r"too few in 'ants' \(1\)"):
+        train(scan_folder(tmp_path / "one"), FAST)
+
+
+def test_finetune_path_trains_last_stages_only(tiny_hymenoptera):
+    config = TrainConfig(backbone="efficientnet_lite0", augment="default", views=0, mode="finetune",
+                         finetune_epochs=1)
+    result = train(scan_folder(tiny_hymenoptera), config)
+    assert result.mode == "finetune"
+    assert result.finetuned and all(k.startswith(("body.blocks.5.", "body.blocks.6.", "body.conv_head.", "body.bn2."))
+                                    for k in result.finetuned)
+    assert 0.0 <= result.finetune_metrics["accuracy"] <= 1.0
+
+
+def test_head_separates_separable_features_and_cv_sees_it():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=generator)
+    y = (x[:, 0] > 0).long()
+    head = fit_head(x, y, 2)
+    assert (head(x).argmax(1) == y).float().mean() == 1.0
+    assert cross_val_accuracy(x, y, 2) >= 0.9
+    noise_y = torch.randint(0, 2, (40,), generator=generator)
+    assert cross_val_accuracy(torch.randn(40, 16, generator=generator), noise_y, 2) < 0.8
+
+
+def test_folds_are_stratified_and_disjoint():
+    y = torch.tensor([0] * 10 + [1] * 5)
+    folds = stratified_folds(y, 5, seed=1)
+    assert sorted(torch.cat(folds).tolist()) == list(range(15))
+    assert all((y[f] == 1).sum() == 1 for f in folds)
