@@ -240,12 +240,17 @@ def available_backbones() -> list[str]:
     return sorted(names, key=lambda name: REGISTRY[name].gflops)
 
 
+def build_backbone(name: str, download: bool = True) -> Backbone:
+    """A fresh pretrained backbone (fp32, trainable, not cached), e.g. for a full fine-tune."""
+    spec = get_spec(name)
+    network = _build_lite(spec) if spec.source == "bundled" else _build_torchvision(spec, download)
+    return Backbone(spec, network)
+
+
 @functools.lru_cache(maxsize=4)
 def load_backbone(name: str, download: bool = True) -> Backbone:
     """The pretrained backbone in eval mode on the CPU. Cached: never mutate it (copy to fine-tune)."""
-    spec = get_spec(name)
-    network = _build_lite(spec) if spec.source == "bundled" else _build_torchvision(spec, download)
-    backbone = Backbone(spec, network).eval()
+    backbone = build_backbone(name, download).eval()
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     # channels_last makes convolutions about twice as fast on CPU; results are the same.

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from PIL import Image
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -202,12 +203,14 @@ def sniff_format(head: bytes) -> str | None:
     return next((mime for magic, mime in MAGIC if head.startswith(magic)), None)
 
 
-def _failure_reason(exc: requests.RequestException) -> str:
-    text = str(exc)
-    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+def _failure_reason(exc: requests.RequestException | urllib3.exceptions.HTTPError) -> str:
+    """Short reason for a network error from requests (headers) or urllib3 (body reads)."""
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in str(exc):
         return "timed out"
-    if isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(exc, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
         return "TLS error"
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return "connection broken while reading"
     if isinstance(exc, requests.ConnectionError):
         return "connection failed"
     return f"request failed: {type(exc).__name__}"
@@ -245,7 +248,10 @@ def _read_body(response: requests.Response, limits: DownloadLimits, started: flo
         raise DownloadError(too_large)
 
     body, size, detected = [], 0, None
-    for chunk in response.iter_content(chunk_size=64 * 1024):
+    # read1 returns as soon as any bytes arrive (iter_content waits for a full chunk), so the
+    # deadline is checked between reads even against a server dripping one byte at a time.
+    # A single silent read can still overshoot the deadline by up to read_timeout.
+    while chunk := response.raw.read1(64 * 1024, decode_content=True):
         body.append(chunk)
         size += len(chunk)
         if size > limits.max_bytes:  # counted while reading: Content-Length may be absent or lie
@@ -284,7 +290,7 @@ def fetch_image(url: str, limits: DownloadLimits = DownloadLimits()) -> Fetched:
             final_url, response = _open_final(session, url, limits, started)
             with response:
                 data, detected = _read_body(response, limits, started)
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise DownloadError(_failure_reason(exc)) from exc
         except (ValueError, UnicodeError) as exc:  # urllib3 refuses some malformed URLs this way
             raise DownloadError(f"refused: malformed URL ({exc})") from exc

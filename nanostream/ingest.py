@@ -46,6 +46,10 @@ def _size_text(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n:,} bytes"
 
 
+def _too_large(size: int, limit: int) -> str:
+    return f"too large ({_size_text(size)}; the limit is {_size_text(limit)})"
+
+
 def _not_image_reason(name: str) -> str:
     suffix = Path(name).suffix.lower()
     return f"not an image: unsupported file type '{suffix}'" if suffix else "not an image: no file extension"
@@ -162,7 +166,7 @@ def _read_file(path: Path, limit: int) -> bytes:
     try:
         size = path.stat().st_size
         if size > limit:
-            raise _Skip(f"too large ({_size_text(size)}; the limit is {_size_text(limit)})")
+            raise _Skip(_too_large(size, limit))
         with open(path, "rb") as f:
             data = f.read(limit + 1)  # a file growing while we read still cannot exceed the limit
     except OSError as exc:
@@ -189,17 +193,16 @@ def _add_folder(run: _Run, root: Path) -> None:
     n_files = 0
     for folder, dirs, files in os.walk(root):
         rel = Path(folder).relative_to(root).parts
-        for d in sorted(dirs):
-            if d.startswith(".") or d == "__MACOSX":
-                rejected.append((str(Path(folder) / d), "hidden or system folder"))
-        dirs[:] = sorted(d for d in dirs if not (d.startswith(".") or d == "__MACOSX"))
+        hidden = sorted(d for d in dirs if _is_hidden((d,)))
+        rejected += [(str(Path(folder) / d), "hidden or system folder") for d in hidden]
+        dirs[:] = sorted(d for d in dirs if d not in hidden)  # sorted: a stable order for reports and tests
         for name in sorted(files):
             n_files += 1
             if n_files > limit:
                 run.skip(str(root), f"folder has more than {limit:,} files; the limit is {limit:,}")
                 return
             parts = (*rel, name)
-            if name.startswith("."):
+            if _is_hidden((name,)):
                 rejected.append((str(Path(folder) / name), "hidden or system file"))
             elif not is_image_name(name):
                 rejected.append((str(Path(folder) / name), _not_image_reason(name)))
@@ -253,7 +256,7 @@ def _add_zip(run: _Run, label: str, archive: zipfile.ZipFile) -> None:
         elif not is_image_name(parts[-1]):
             run.skip(source, _not_image_reason(parts[-1]))
         elif info.file_size > limits.max_file_bytes:
-            run.skip(source, f"too large ({_size_text(info.file_size)}; the limit is {_size_text(limits.max_file_bytes)})")
+            run.skip(source, _too_large(info.file_size, limits.max_file_bytes))
         else:
             candidates.append((info, parts, source))
 
@@ -367,6 +370,7 @@ def add_sources(store: Store, project: str, category: str | None, sources: Seque
     Raises StoreError only for an unknown project or an invalid category name.
     """
     run = _Run(store, project, category, limits, on_progress)
+    sources = list(sources)
     for i, source in enumerate(sources):
         if should_stop and should_stop():
             for rest in sources[i:]:
@@ -384,7 +388,7 @@ def add_upload(store: Store, project: str, category: str | None, filename: str, 
     suffix = Path(name).suffix.lower()
     if suffix == ".zip":
         if len(data) > limits.max_archive_bytes:
-            run.skip(filename, f"too large ({_size_text(len(data))}; the limit is {_size_text(limits.max_archive_bytes)})")
+            run.skip(filename, _too_large(len(data), limits.max_archive_bytes))
             return run.report()
         try:
             archive = zipfile.ZipFile(io.BytesIO(data))
@@ -394,7 +398,7 @@ def add_upload(store: Store, project: str, category: str | None, filename: str, 
         with archive:
             _add_zip(run, filename, archive)
     elif len(data) > limits.max_file_bytes:
-        run.skip(filename, f"too large ({_size_text(len(data))}; the limit is {_size_text(limits.max_file_bytes)})")
+        run.skip(filename, _too_large(len(data), limits.max_file_bytes))
     elif suffix == ".txt":
         _add_url_list(run, filename, data, None)
     else:

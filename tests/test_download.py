@@ -143,6 +143,18 @@ def test_png_served_as_octet_stream_after_redirect(httpserver, allow_loopback, s
     assert Image.open(io.BytesIO(got.data)).format == "JPEG"
 
 
+def test_chunked_body_is_read_whole(allow_loopback, small_png):
+    def chunked_png(conn, stop):
+        conn.recv(65536)
+        chunks = [small_png[i:i + 50] for i in range(0, len(small_png), 50)]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+
+    with raw_server(chunked_png) as url:
+        got = fetch_image(url, FAST)
+    assert (got.width, got.height) == (64, 48)
+
+
 # ---------------------------------------------------------------- bad payloads
 
 def reason_for(url: str, limits: DownloadLimits = FAST) -> str:
@@ -168,6 +180,7 @@ def test_html_content_type_refused(httpserver, allow_loopback):
     assert reason_for(httpserver.url_for("/page")) == "not an image: text/html"
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns; we refuse
 def test_decompression_bomb_refused(httpserver, allow_loopback, huge_png):
     assert len(huge_png) < 100_000 and Image.open(io.BytesIO(huge_png)).size == (12000, 9000)
     httpserver.expect_request("/bomb.png").respond_with_data(huge_png, content_type="image/png")
@@ -193,14 +206,14 @@ def test_body_over_limit_without_content_length(httpserver, allow_loopback):
 
     def endless():  # no Content-Length: only counting while reading can stop it
         yield b"\xff\xd8\xff\xe0"
-        for _ in range(1000):
+        for _ in range(10_000):  # 640 MB: far more than socket buffers can soak up
             served.append(1)
-            yield b"\0" * 1000
+            yield b"\0" * 65536
 
     httpserver.expect_request("/stream").respond_with_handler(
         lambda request: Response(endless(), content_type="image/jpeg"))
     assert reason_for(httpserver.url_for("/stream"), DownloadLimits(max_bytes=10_000)) == "too large (> 10,000 bytes)"
-    assert len(served) < 1000  # we hung up long before the end
+    assert len(served) < 10_000  # we hung up long before the end
 
 
 def test_http_error_status(httpserver, allow_loopback):
@@ -296,6 +309,13 @@ def test_connection_peer_is_checked_even_if_dns_check_was_fooled(httpserver, mon
     assert not httpserver.log  # refused before a request was sent
 
 
+def test_https_connections_are_peer_checked_too(monkeypatch):
+    monkeypatch.delenv(download.ALLOW_PRIVATE_ENV, raising=False)
+    monkeypatch.setattr(download, "check_url", lambda url: None)
+    with raw_server(never_answer) as url:  # refused before the TLS handshake could even start
+        assert reason_for(url.replace("http://", "https://")) == "refused: private address 127.0.0.1 (loopback)"
+
+
 # ---------------------------------------------------------------- many URLs
 
 def test_fetch_images_reports_everything_in_order(httpserver, allow_loopback, ant_jpeg, small_png):
@@ -332,7 +352,7 @@ def test_fetch_images_limits_concurrency_per_host(monkeypatch):
         with lock:
             active[host] = active.get(host, 0) + 1
             peak[host] = max(peak.get(host, 0), active[host])
-        time.sleep(0.02)  # stand-in for network time, so requests overlap
+        time.sleep(0.05)  # stand-in for network time, so requests overlap
         with lock:
             active[host] -= 1
         raise DownloadError("HTTP 503")

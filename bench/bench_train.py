@@ -1,0 +1,265 @@
+"""NanoStream versus a full fine-tune (the PyTorch transfer-learning tutorial's recipe), one run.
+
+For hymenoptera (20 train images per class, scored on its val/) and flowers (20 per class,
+scored on the other 60 per class) it prints accuracy and seconds of both, and their ratio;
+then the rebuild after adding 10% more images, peak memory of a 1,000-image build, and the
+time to classify one image against the backbone's own forward time.
+
+    python bench/bench_train.py            # everything (about 10 minutes on 2 CPU cores)
+    python bench/bench_train.py --quick    # skip the 1,000-image memory run
+
+Both sides time the same span: from image files to a trained model scored once on the
+validation images (the tutorial also scores val/ after every epoch; that is left out of the
+baseline, in its favour). Each run starts cold: empty feature cache, backbones not loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+from nanostream import backbones  # noqa: E402
+from nanostream.data import scan_folder  # noqa: E402
+from nanostream.images import load_image  # noqa: E402
+from nanostream.paths import datasets_dir  # noqa: E402
+from nanostream.train import TrainConfig, train  # noqa: E402
+
+
+def link_subset(pairs, dest: Path) -> Path:
+    for src, rel in pairs:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(src, target)
+    return dest
+
+
+def make_sets(root: Path, work: Path, per_class: int, seed: int = 0) -> dict[str, Path]:
+    """hymenoptera: per_class from train/ + all of val/; flowers: per_class train, rest val."""
+    rng = random.Random(seed)
+    sets = {}
+    pairs = []
+    for label in ("ants", "bees"):
+        files = sorted((root / "hymenoptera/train" / label).iterdir())
+        rng.shuffle(files)
+        pairs += [(f, f"train/{label}/{f.name}") for f in files[:per_class]]
+        pairs += [(f, f"val/{label}/{f.name}") for f in sorted((root / "hymenoptera/val" / label).iterdir())]
+    sets["hymenoptera"] = link_subset(pairs, work / f"hymenoptera{per_class}")
+    pairs = []
+    for label_dir in sorted((root / "flowers").iterdir()):
+        if not label_dir.is_dir():
+            continue
+        files = sorted(label_dir.iterdir())
+        rng.shuffle(files)
+        pairs += [(f, f"train/{label_dir.name}/{f.name}") for f in files[:per_class]]
+        pairs += [(f, f"val/{label_dir.name}/{f.name}") for f in files[per_class + 10:]]  # 10 spare for growth
+    sets["flowers"] = link_subset(pairs, work / f"flowers{per_class}")
+    return sets
+
+
+def grow(dataset_dir: Path, root: Path, name: str, extra: int, seed: int = 0) -> Path:
+    """The same set plus `extra` unseen training images per class (never from val/)."""
+    grown = dataset_dir.parent / (dataset_dir.name + "-grown")
+    shutil.copytree(dataset_dir, grown, symlinks=True)
+    rng = random.Random(seed)
+    for label_dir in sorted((grown / "train").iterdir()):
+        used = {p.name for p in label_dir.iterdir()} | {p.name for p in (grown / "val" / label_dir.name).iterdir()}
+        source = root / ("hymenoptera/train" if name == "hymenoptera" else "flowers") / label_dir.name
+        fresh = [f for f in sorted(source.iterdir()) if f.name not in used]
+        rng.shuffle(fresh)
+        for f in fresh[:extra]:
+            os.symlink(f, label_dir / f.name)
+    return grown
+
+
+def cold_start():
+    backbones.load_backbone.cache_clear()
+    backbones.backbone_on.cache_clear()
+    backbones.weights_fingerprint.cache_clear()
+
+
+# ---------------------------------------------------------------- baseline: the tutorial recipe
+
+def baseline_finetune(data: Path, name: str, epochs: int = 10, seed: int = 0) -> tuple[float, float]:
+    """Full fine-tune as in the PyTorch transfer-learning tutorial: RandomResizedCrop + flip,
+    SGD(lr=0.001, momentum=0.9), StepLR(7, 0.1), batch 4, all layers trainable."""
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    cold_start()
+    spec = backbones.get_spec(name)
+    network = backbones.build_backbone(name).body  # normalisation is in the transforms, as in the tutorial
+    dataset = scan_folder(data)
+    labels = dataset.classes
+    head = nn.Linear(spec.feature_dim, len(labels))
+    normalize = transforms.Normalize(spec.mean, spec.std)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(spec.input_size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(spec.resize_size), transforms.CenterCrop(spec.input_size),
+                                 transforms.ToTensor(), normalize])
+    params = list(network.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    train_items = list(dataset.train)
+    y_of = {label: i for i, label in enumerate(labels)}
+    for _ in range(epochs):
+        network.train()
+        random.Random(seed + _).shuffle(train_items)
+        for i in range(0, len(train_items), 4):
+            batch = train_items[i:i + 4]
+            x = torch.stack([train_tf(load_image(it.path)) for it in batch])
+            y = torch.tensor([y_of[it.label] for it in batch])
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(head(network(x)), y)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    network.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(dataset.val), 16):
+            batch = dataset.val[i:i + 16]
+            x = torch.stack([val_tf(load_image(it.path)) for it in batch])
+            correct += int((head(network(x)).argmax(1) == torch.tensor([y_of[it.label] for it in batch])).sum())
+    seconds = time.perf_counter() - started
+    return correct / len(dataset.val), seconds
+
+
+# ---------------------------------------------------------------- measurements
+
+def nanostream_build(data: Path, config: TrainConfig, cold: bool = True):
+    if cold:
+        cold_start()
+    started = time.perf_counter()
+    result = train(scan_folder(data), config)
+    return result, time.perf_counter() - started
+
+
+def peak_memory_build(root: Path, work: Path, n_images: int = 1000) -> tuple[float, int]:
+    """Peak RSS (GB) of `nanostream train` on n_images distinct photos, in a fresh process."""
+    data = work / "thousand"
+    photos = [(p, f"{p.parent.name}") for p in sorted((root / "hymenoptera/train").glob("*/*"))]
+    photos += [(p, p.parent.name) for p in sorted((root / "hymenoptera/val").glob("*/*"))]
+    photos += [(p, p.parent.name) for p in sorted((root / "flowers").glob("*/*"))]
+    count = 0
+    for mirrored in (False, True):  # mirrored copies are new images (new content) to reach 1,000
+        for path, label in photos:
+            if count >= n_images:
+                break
+            (data / label).mkdir(parents=True, exist_ok=True)
+            image = load_image(path)
+            if mirrored:
+                image = image.transpose(0)
+            image.save(data / label / f"{count:04d}.jpg", quality=90)
+            count += 1
+    env = dict(os.environ, NANOSTREAM_HOME=str(work / "home-memory"))
+    proc = subprocess.run([sys.executable, "-m", "nanostream", "train", str(data), "--quiet", "--json"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak_kb / 1024 / 1024, count
+
+
+def single_image_latency(model_id: str, photo: Path, repeats: int = 30) -> tuple[float, float]:
+    """Median seconds: classify one JPEG (decode, resize, backbone, head) vs the backbone alone."""
+    from nanostream.device import autocast
+    from nanostream.predict import load_classifier
+
+    classifier = load_classifier(model_id)
+    data = photo.read_bytes()
+    x = classifier.prepare(data)[None].contiguous(memory_format=torch.channels_last)
+
+    def backbone_only():
+        with torch.inference_mode(), autocast(classifier.device, classifier.precision):
+            classifier.backbone(x)
+
+    def classify():
+        classifier.predict_bytes([data], ["photo"])
+
+    def median(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    return median(classify), median(backbone_only)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="skip the 1,000-image memory run")
+    parser.add_argument("--per-class", type=int, default=20)
+    args = parser.parse_args()
+    root = datasets_dir()
+    work = Path(tempfile.mkdtemp(prefix="nanostream-bench-"))
+    os.environ["NANOSTREAM_HOME"] = str(work / "home")
+    sets = make_sets(root, work, args.per_class)
+    config = TrainConfig()  # what one click does: auto backbone, default augmentation, fast mode
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    rows, figures = [], {}
+    for name, data in sets.items():
+        result, seconds = nanostream_build(data, config)
+        base_acc, base_seconds = baseline_finetune(data, result.backbone)
+        extra = max(1, round(args.per_class * 0.1))
+        grown = grow(data, root, name, extra)
+        rebuilt, rebuild_seconds = nanostream_build(grown, config, cold=False)
+        figures[name] = {
+            "backbone": result.backbone, "nanostream_accuracy": result.metrics["accuracy"],
+            "nanostream_seconds": seconds, "baseline_accuracy": base_acc, "baseline_seconds": base_seconds,
+            "speedup": base_seconds / seconds, "rebuild_seconds": rebuild_seconds,
+            "rebuild_speedup": seconds / rebuild_seconds, "rebuild_accuracy": rebuilt.metrics["accuracy"],
+            "candidates": {c.backbone: c.cv_accuracy for c in result.candidates},
+            "n_train": result.n_train, "n_val": result.n_val,
+        }
+        rows.append((name, figures[name]))
+        print(f"{name}: done", file=sys.stderr)
+
+    print(f"\n{'dataset':<12} {'backbone':<19} {'NanoStream acc':>14} {'s':>7} {'baseline acc':>12} {'s':>7} "
+          f"{'speedup':>8} {'rebuild s':>9} {'rebuild x':>9}")
+    for name, f in rows:
+        print(f"{name:<12} {f['backbone']:<19} {f['nanostream_accuracy']:>14.3f} {f['nanostream_seconds']:>7.1f} "
+              f"{f['baseline_accuracy']:>12.3f} {f['baseline_seconds']:>7.1f} {f['speedup']:>7.1f}x "
+              f"{f['rebuild_seconds']:>9.1f} {f['rebuild_speedup']:>8.1f}x")
+        print(f"{'':<12} train {f['n_train']}, val {f['n_val']}; candidates (cv accuracy): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in f["candidates"].items()))
+
+    # one image, one model (the hymenoptera build, registered like any other)
+    from nanostream.models import save_trained
+
+    result, _ = nanostream_build(sets["hymenoptera"], config, cold=False)
+    model_id, _ = save_trained(result)
+    photo = sorted((root / "hymenoptera/val/bees").iterdir())[0]
+    classify_s, forward_s = single_image_latency(model_id, photo)
+    figures["latency"] = {"classify_seconds": classify_s, "backbone_forward_seconds": forward_s,
+                          "ratio": classify_s / forward_s}
+    print(f"\none image: classify {classify_s * 1000:.1f} ms (decode + resize + backbone + head), "
+          f"backbone forward {forward_s * 1000:.1f} ms, ratio {classify_s / forward_s:.2f}")
+
+    if not args.quick:
+        peak_gb, n = peak_memory_build(root, work)
+        figures["memory"] = {"images": n, "peak_gb": peak_gb}
+        print(f"peak memory of a {n}-image build: {peak_gb:.2f} GB")
+    print(json.dumps(figures))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
