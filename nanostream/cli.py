@@ -64,19 +64,25 @@ def _check_writable(path: str | None) -> None:
 
 
 def load_data(ref: str):
-    """DATA is a folder (DATA/<class>/* or DATA/train|val/<class>/*) or a project's name."""
-    from .data import scan_folder
+    """DATA is a folder (DATA/<class>/* or DATA/train|val/<class>/*) or a project's name.
+    Returns (dataset, project name or None)."""
+    from .data import DataError, Dataset, scan_folder
 
     if Path(ref).exists() or os.sep in ref:
         return scan_folder(ref), None
-    try:
-        from .store import Store, StoreError
-    except ImportError:
-        return scan_folder(ref), None
-    try:
-        return Store().dataset(ref), ref
-    except StoreError:
-        return scan_folder(ref), None  # the folder error says what was expected
+    from .store import Store, StoreError
+
+    with Store() as store:
+        try:
+            project = store.get_project(ref)
+        except StoreError:
+            names = [p.name for p in store.list_projects()]
+            known = f" (projects: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
+            raise DataError(f"no data folder or project named '{ref}'{known}") from None
+        items = store.labeled_images(project.name)
+    present = {item.label for item in items}
+    classes = tuple(c for c in project.categories if c in present)  # the project's order; empty ones left out
+    return Dataset(classes, tuple(items)), project.name
 
 
 # ---------------------------------------------------------------- commands

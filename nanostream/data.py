@@ -77,17 +77,28 @@ def check_trainable(classes: tuple[str, ...], items: tuple[LabeledImage, ...] | 
         raise DataError(f"need at least 2 readable images per class; too few in {', '.join(small)}")
 
 
-def stratified_split(items, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Split per class so each class keeps at least one training and (when it has 2+) one val item."""
-    by_label: dict[str, list] = {}
+def stratified_split(items, val_fraction: float, seed: int, groups: dict[str, str] | None = None) -> tuple[list, list]:
+    """Split per class so each class keeps at least one training and (when it has 2+) one val item.
+
+    `groups` maps str(path) to a group key (near-duplicates share one, see dedupe.group_ids):
+    a group goes wholly to one side, so a copy of a training photo never scores validation.
+    """
+    by_label: dict[str, dict[str, list]] = {}
     for item in items:
-        by_label.setdefault(item.label, []).append(item)
+        key = (groups or {}).get(str(item.path), str(item.path))
+        by_label.setdefault(item.label, {}).setdefault(key, []).append(item)
     rng = random.Random(seed)
     train, val = [], []
     for label in sorted(by_label):
-        group = sorted(by_label[label], key=lambda it: str(it.path))
-        rng.shuffle(group)
-        n_val = min(len(group) - 1, max(1, round(len(group) * val_fraction)))
-        val += group[:n_val]
-        train += group[n_val:]
+        clusters = [by_label[label][key] for key in sorted(by_label[label])]
+        rng.shuffle(clusters)
+        size = sum(len(c) for c in clusters)
+        want = min(size - 1, max(1, round(size * val_fraction)))
+        taken = 0
+        for cluster in clusters:
+            if taken < want and len(clusters) > 1 and cluster is not clusters[-1]:
+                val += cluster
+                taken += len(cluster)
+            else:
+                train += cluster
     return train, val

@@ -124,7 +124,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
             if dataset.val:
                 train_items, val_items = pool, list(dataset.val)
             else:
-                train_items, val_items = stratified_split(pool, config.val_fraction, config.seed)
+                groups = near_duplicate_groups(pool)
+                train_items, val_items = stratified_split(pool, config.val_fraction, config.seed, groups)
         positions = {str(item.path): i for i, item in enumerate(pool)}
         pool_features[name] = feats
         x = feats.original[[positions[str(item.path)] for item in train_items]]
@@ -177,6 +178,14 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
         metrics=metrics, candidates=candidates, n_train=len(train_items), n_val=len(val_items),
         seconds=time.perf_counter() - started, data_fingerprint=_fingerprint(pool_features[winner], pool),
         precision=precision(device), skipped=skipped, finetune_metrics=finetune_metrics)
+
+
+def near_duplicate_groups(items: list[LabeledImage]) -> dict[str, str]:
+    """str(path) -> group key, so near-duplicate photos land on the same side of a split."""
+    from .dedupe import ImageRef, find_duplicates, group_ids
+
+    refs = [ImageRef(str(item.path), item.label, item.path) for item in items]
+    return group_ids(refs, find_duplicates(refs))
 
 
 def _targets(items: list[LabeledImage], index_of: dict[str, int]) -> torch.Tensor:

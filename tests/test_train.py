@@ -94,3 +94,27 @@ def test_folds_are_stratified_and_disjoint():
     folds = stratified_folds(y, 5, seed=1)
     assert sorted(torch.cat(folds).tolist()) == list(range(15))
     assert all((y[f] == 1).sum() == 1 for f in folds)
+
+
+def test_near_duplicates_never_straddle_the_split(datasets, tmp_path):
+    from PIL import Image
+
+    from nanostream.data import LabeledImage, stratified_split
+    from nanostream.train import near_duplicate_groups
+
+    items = []
+    for label in ("ants", "bees"):
+        (tmp_path / label).mkdir()
+        for photo in sorted((datasets / "hymenoptera" / "train" / label).iterdir())[:4]:
+            shutil.copy(photo, tmp_path / label)
+            items.append(LabeledImage(tmp_path / label / photo.name, label))
+            copy = tmp_path / label / f"small-{photo.stem}.jpg"  # a resized, recompressed copy
+            image = Image.open(photo).convert("RGB")
+            image.resize((image.width // 2, image.height // 2)).save(copy, quality=70)
+            items.append(LabeledImage(copy, label))
+    groups = near_duplicate_groups(items)
+    assert len(set(groups.values())) == 8
+    for seed in range(5):
+        train, val = stratified_split(items, 0.25, seed, groups)
+        assert not {groups[str(i.path)] for i in train} & {groups[str(i.path)] for i in val}
+        assert {i.label for i in val} == {"ants", "bees"}

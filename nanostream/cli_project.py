@@ -1,0 +1,381 @@
+"""Project commands: `project create|list|delete|rename|categories`, `images search|add|list|review`,
+`export-dataset`. A project is then trained with `nanostream train PROJECT` (cli.load_data).
+
+Web search uses search.DDGSProvider unless NANOSTREAM_SEARCH_PROVIDER names a factory
+("module:function", called with no arguments) that returns another SearchProvider: tests use
+it to search a local stand-in. A provider may carry its own `pacing` (search.SearchPacing);
+the real one is paced by SearchPacing's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .cli import StageBars, UserError, _emit
+
+PROVIDER_ENV = "NANOSTREAM_SEARCH_PROVIDER"
+DEFAULT_PER_CATEGORY = 30  # enough for a first model (a few-shot head needs ~10); the user can search again
+
+
+def _store():
+    from .store import Store
+
+    return Store()
+
+
+def _names(text: str | None) -> list[str]:
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------- project
+
+def _project_summary(store, name: str) -> dict:
+    project = store.get_project(name)
+    counts = store.counts(project.name)
+    return {"name": project.name, "categories": list(project.categories), "counts": counts,
+            "images": sum(counts.values()), "created_at": project.created_at}
+
+
+def _category_lines(summary: dict) -> str:
+    return ", ".join(f"{c} ({summary['counts'].get(c, 0)})" for c in summary["categories"]) or "no categories"
+
+
+def cmd_project_create(args) -> None:
+    with _store() as store:
+        project = store.create_project(args.name, _names(args.categories))
+        summary = _project_summary(store, project.name)
+    _emit(args, f"created project '{project.name}': {', '.join(project.categories) or 'no categories yet'}", summary)
+
+
+def cmd_project_list(args) -> None:
+    with _store() as store:
+        rows = [_project_summary(store, p.name) for p in store.list_projects()]
+    text = "\n".join(f"{r['name']:<24} {_plural(r['images'], 'image'):>11}  {_category_lines(r)}" for r in rows)
+    _emit(args, text or "no projects yet (`nanostream project create NAME --categories \"a,b\"`)", rows)
+
+
+def cmd_project_delete(args) -> None:
+    with _store() as store:
+        summary = _project_summary(store, args.name)
+        store.delete_project(summary["name"])
+    _emit(args, f"deleted project '{summary['name']}' and its {_plural(summary['images'], 'image')}",
+          {"deleted": summary["name"], "images": summary["images"]})
+
+
+def cmd_project_rename(args) -> None:
+    with _store() as store:
+        project = store.rename_project(args.old, args.new)
+        summary = _project_summary(store, project.name)
+    _emit(args, f"renamed project '{args.old}' to '{project.name}'", summary)
+
+
+def cmd_project_categories(args) -> None:
+    terms = []
+    for item in args.terms or []:
+        category, sep, words = item.partition("=")
+        if not sep or not category.strip():
+            raise UserError(f"--terms takes CATEGORY=extra words, got {item!r}")
+        terms.append((category.strip(), words.strip()))
+    lines, removed = [], {}
+    with _store() as store:
+        project = store.get_project(args.name).name
+        for name in [n for text in args.add or [] for n in _names(text)]:
+            lines.append(f"added category '{store.add_category(project, name).name}'")
+        for name in [n for text in args.remove or [] for n in _names(text)]:
+            category = store.get_category(project, name).name
+            removed[category] = store.remove_category(project, category)
+            lines.append(f"removed category '{category}' and its {_plural(removed[category], 'image')}")
+        for name, words in terms:
+            category = store.set_search_terms(project, name, words)
+            lines.append(f"search terms of '{category.name}': {category.search_terms or '(the name alone)'}")
+        categories = store.list_categories(project)
+        counts = store.counts(project)
+    rows = [{"name": c.name, "search_terms": c.search_terms, "images": counts.get(c.name, 0)} for c in categories]
+    lines += [f"  {r['name']:<24} {_plural(r['images'], 'image'):>11}"
+              + (f"  search terms: {r['search_terms']}" if r["search_terms"] else "") for r in rows]
+    _emit(args, "\n".join(lines) or f"project '{project}' has no categories",
+          {"project": project, "categories": rows, "removed": removed})
+
+
+# ---------------------------------------------------------------- images
+
+def load_provider():
+    """The search provider: NANOSTREAM_SEARCH_PROVIDER's factory if set, else DDGSProvider."""
+    spec = os.environ.get(PROVIDER_ENV, "").strip()
+    if not spec:
+        from .search import DDGSProvider
+
+        return DDGSProvider()
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name or "provider")
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"{PROVIDER_ENV}={spec!r} is not an importable 'module:factory' ({exc})") from None
+    return factory()
+
+
+class _CountingProvider:
+    """Wraps a provider to count live calls: only those need a pause before the next search."""
+
+    def __init__(self, provider):
+        self.provider, self.name, self.calls = provider, provider.name, 0
+
+    def images(self, query: str, max_results: int):
+        self.calls += 1
+        return self.provider.images(query, max_results)
+
+
+def _store_hits(store, project: str, category: str, hits, fetched_report) -> dict:
+    from .store import Provenance, StoreError
+
+    by_url = {hit.url: hit for hit in hits}
+    added, duplicates, failed = [], [], [{"url": f.url, "reason": f.reason} for f in fetched_report.failed]
+    for fetched in fetched_report.fetched:
+        hit = by_url[fetched.url]
+        provenance = Provenance("web_search", query=hit.query, page_url=hit.page_url, image_url=hit.url,
+                                final_url=fetched.final_url, license=hit.license,
+                                width=fetched.width, height=fetched.height)
+        try:
+            record, is_new = store.add_image(project, category, fetched.data, provenance)
+        except (StoreError, OSError) as exc:
+            failed.append({"url": fetched.url, "reason": f"could not store: {exc}"})
+            continue
+        if is_new:
+            added.append(record.id)
+        else:
+            duplicates.append({"url": fetched.url, "image_id": record.id, "category": record.category})
+    return {"added": added, "duplicates": duplicates, "failed": failed}
+
+
+def cmd_images_search(args) -> None:
+    from . import download, paths
+    from .search import QueryCache, SearchPacing, search_category
+
+    if args.per_category < 1:
+        raise UserError("--per-category must be at least 1")
+    bars = StageBars(not args.quiet)
+    with _store() as store:
+        project = store.get_project(args.project).name
+        categories = store.list_categories(project)
+        if args.category:
+            wanted = [store.get_category(project, name).name for name in args.category]
+            categories = [c for c in categories if c.name in wanted]
+        if not categories:
+            raise UserError(f"project '{project}' has no categories to search; "
+                            f"add some with `nanostream project categories {project} --add NAME`")
+        base = load_provider()
+        provider = _CountingProvider(base)
+        pacing = getattr(base, "pacing", None) or SearchPacing()
+        cache = QueryCache(paths.home() / "search-cache")
+        results, lines, stopped_by = {}, [], None
+        for i, category in enumerate(categories):
+            if stopped_by is not None:
+                results[category.name] = {"searched": False, "found": 0, "added": [], "duplicates": [],
+                                          "failed": [], "errors": [f"not searched: rate limited at '{stopped_by}'"],
+                                          "queries": [], "rate_limited": False}
+                continue
+            if i and provider.calls:  # search_category paces within a category; we pace between them
+                time.sleep(pacing.pause)
+            provider.calls = 0
+            extra = ",".join(t for t in (category.search_terms, args.terms or "") if t.strip())
+            report = search_category(category.name, provider, args.per_category, extra, pacing, cache,
+                                     on_progress=bars.bar(f"search {category.name}"))
+            fetched = download.fetch_images([hit.url for hit in report.hits],
+                                            on_progress=bars.bar(f"download {category.name}"))
+            stored = _store_hits(store, project, category.name, report.hits, fetched)
+            results[category.name] = {"searched": True, "found": len(report.hits), **stored,
+                                      "errors": list(report.errors), "queries": list(report.queries),
+                                      "rate_limited": report.rate_limited}
+            if report.rate_limited:
+                stopped_by = category.name
+        counts = store.counts(project)
+
+    for name, r in results.items():
+        lines.append(f"{name}: {_plural(len(r['added']), 'new image')} from {r['found']} found"
+                     f" ({len(r['duplicates'])} already in the project, {len(r['failed'])} failed);"
+                     f" now {counts.get(name, 0)}")
+        lines += [f"  failed {f['url']}: {f['reason']}" for f in r["failed"]]
+        lines += [f"  {e}" for e in r["errors"]]
+    if stopped_by is not None:
+        skipped = [n for n, r in results.items() if not r["searched"]]
+        lines.append(f"rate limited while searching '{stopped_by}': kept every image found so far"
+                     + (f"; not searched: {', '.join(skipped)}" if skipped else "")
+                     + ". Wait a few minutes, then search again (finished queries are cached).")
+    _emit(args, "\n".join(lines), {"project": project, "categories": results, "counts": counts,
+                                   "added": sum(len(r["added"]) for r in results.values()),
+                                   "rate_limited": stopped_by is not None})
+
+
+class _GrowingBar:
+    """A progress bar on stderr whose total grows as sources are opened (ingest.add_sources)."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="img", file=sys.stderr, leave=False, mininterval=0.5)
+        self.bar.total, self.bar.n = total, done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_images_add(args) -> None:
+    from .ingest import add_sources
+
+    with _store() as store:
+        project = store.get_project(args.project).name
+        known = [c.name for c in store.list_categories(project)]
+        matches = [c for c in known if c.casefold() == args.category.strip().casefold()]
+        if not matches:  # a typo must not create a category
+            raise UserError(f"no category '{args.category}' in project '{project}' (categories: "
+                            f"{', '.join(known) or 'none'}); add it with "
+                            f"`nanostream project categories {project} --add NAME`")
+        category = matches[0]
+        bar = _GrowingBar(not args.quiet, f"adding to {category}")
+        try:
+            report = add_sources(store, project, category, args.sources, on_progress=bar)
+        finally:
+            bar.close()
+        count = store.counts(project)[category]
+    payload = {"project": project, "category": category, "added": list(report.added),
+               "duplicates": list(report.duplicates),
+               "skipped": [{"source": source, "reason": reason} for source, reason in report.skipped],
+               "count": count}
+    lines = [f"added {_plural(len(report.added), 'image')} to '{category}' (now {count})"
+             + (f"; {len(report.duplicates)} already in the project" if report.duplicates else "")]
+    lines += [f"  skipped {s['source']}: {s['reason']}" for s in payload["skipped"]]
+    _emit(args, "\n".join(lines), payload)
+    if report.skipped and not report.added and not report.duplicates:
+        sys.exit(1)  # nothing usable at all: a script should notice
+
+
+def _image_row(record) -> dict:
+    p = record.provenance
+    return {"id": record.id, "category": record.category, "hash": record.content_hash, "source": p.source,
+            "query": p.query, "page_url": p.page_url, "image_url": p.image_url, "original_name": p.original_name,
+            "width": p.width, "height": p.height, "added_at": record.added_at}
+
+
+def cmd_images_list(args) -> None:
+    with _store() as store:
+        project = store.get_project(args.project).name
+        if args.category:
+            args.category = store.get_category(project, args.category).name
+        counts = store.counts(project)
+        rows = [_image_row(r) for r in store.list_images(project, args.category)]
+    lines = [f"{name:<24} {_plural(n, 'image'):>11}" for name, n in counts.items()]
+    if args.verbose:
+        lines += [f"  {r['id']:>6}  {r['category']:<16} {r['hash'][:12]}  {r['source']:<10} "
+                  f"{r['image_url'] or r['original_name']}" for r in rows]
+    _emit(args, "\n".join(lines) or f"project '{project}' has no categories",
+          {"project": project, "counts": counts, "images": rows})
+
+
+def cmd_images_review(args) -> None:
+    from .ranking import rank_suspicious
+
+    bars = StageBars(not args.quiet)
+    with _store() as store:
+        project = store.get_project(args.project).name
+        ranked = rank_suspicious(store, project, args.backbone, on_progress=bars.bar("features"))
+    payload = {name: [{"image_id": s.image_id, "score": s.score if math.isfinite(s.score) else None,  # JSON has no inf
+                       "reasons": list(s.reasons)} for s in suspects]
+               for name, suspects in ranked.items()}
+    lines = []
+    for name, suspects in ranked.items():
+        lines.append(f"{name}: {_plural(len(suspects), 'image')}, most suspicious first")
+        lines += [f"  image {s.image_id:>6}  score {s.score:.3f}  {'; '.join(s.reasons)}".rstrip()
+                  for s in suspects[:args.top]]
+    _emit(args, "\n".join(lines), {"project": project, "categories": payload})
+
+
+def cmd_export_dataset(args) -> None:
+    directory = Path(args.dir)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"{directory} exists and is not an empty folder; choose a new one")
+    with _store() as store:
+        project = store.get_project(args.project).name
+        n = store.export_dataset(project, directory)
+        counts = store.counts(project)
+    _emit(args, f"exported {_plural(n, 'image')} of '{project}' to {directory}/<category>/ "
+                f"(train with `nanostream train {directory}`)",
+          {"project": project, "dir": str(directory), "images": n, "counts": counts})
+
+
+# ---------------------------------------------------------------- parser
+
+def register(sub, command) -> None:
+    def group(name, help_text):
+        p = command(name, None, help_text)
+        subs = p.add_subparsers(dest=f"{name}_command", required=True)
+
+        def child(child_name, func, child_help):
+            q = subs.add_parser(child_name, help=child_help, description=child_help)
+            q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help="last stdout line is one JSON document")
+            q.set_defaults(func=func)
+            return q
+        return child
+
+    project = group("project", "projects: create, list, delete, rename, categories")
+    p = project("create", cmd_project_create, "create a project")
+    p.add_argument("name")
+    p.add_argument("--categories", default="", help='comma-separated category names, e.g. "cats,dogs"')
+    project("list", cmd_project_list, "projects with their categories and image counts")
+    p = project("delete", cmd_project_delete, "delete a project and its images (its models stay)")
+    p.add_argument("name")
+    p = project("rename", cmd_project_rename, "rename a project")
+    p.add_argument("old")
+    p.add_argument("new")
+    p = project("categories", cmd_project_categories, "list, add or remove categories, or set their search terms")
+    p.add_argument("name")
+    p.add_argument("--add", action="append", metavar="NAMES", help="category names to add (comma-separated)")
+    p.add_argument("--remove", action="append", metavar="NAMES", help="categories to remove, with their images")
+    p.add_argument("--terms", action="append", metavar="CATEGORY=WORDS",
+                   help='extra search words for a category, comma-separated variants: "cat=kitten,tabby"')
+
+    images = group("images", "a project's images: search the web, add files, list, review")
+    p = images("search", cmd_images_search, "search the web for each category's images and add them")
+    p.add_argument("project")
+    p.add_argument("--per-category", type=int, default=DEFAULT_PER_CATEGORY,
+                   help=f"images to look for per category (default {DEFAULT_PER_CATEGORY})")
+    p.add_argument("--terms", help='extra words for every category, comma-separated variants: "photo,close-up"')
+    p.add_argument("--category", action="append", help="search only this category (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = images("add", cmd_images_add, "add image files, folders, .zip archives or .txt URL lists to a category")
+    p.add_argument("project")
+    p.add_argument("category")
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = images("list", cmd_images_list, "image counts per category (with --json or -v: every image)")
+    p.add_argument("project")
+    p.add_argument("--category", help="list only this category's images")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
+    p = images("review", cmd_images_review, "each category's images, most suspicious (off-topic, mislabelled, "
+                                            "duplicate) first")
+    p.add_argument("project")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--top", type=int, default=5, help="lines per category in the text output (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = command("export-dataset", cmd_export_dataset, "copy a project to DIR/<category>/*.jpg")
+    p.add_argument("project")
+    p.add_argument("dir")

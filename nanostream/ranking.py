@@ -1,0 +1,148 @@
+"""Suspicious images: each category's images ranked by how untypical they are, for review.
+
+Web searches bring in off-topic pictures (logos, diagrams, the wrong animal) and users drop a
+photo into the wrong category. Both show up in backbone feature space: the image sits far from
+the other images of its category, or nearer to another category. Duplicates are found by
+dedupe.py. This module only suggests; the page (or the user) decides what to delete or move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .dedupe import DuplicateGroup, ImageRef, find_duplicates
+from .features import FeatureCache, extract_features
+from .store import Store
+
+# Cheapest backbone in the registry: ranking runs whenever the review page opens, and the
+# features are the same ones a build with this backbone reuses from the cache.
+DEFAULT_BACKBONE = "efficientnet_lite0"
+LOOKS_LIKE = "looks more like"  # reason: nearer another category's centroid than its own
+
+
+@dataclass(frozen=True)
+class SuspectImage:
+    image_id: int
+    score: float                 # higher: less typical of its category (see suspicion_scores)
+    reasons: tuple[str, ...] = ()  # concrete findings ("near-duplicate of image 12", ...); empty: none
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    """Per-image results of suspicion_scores, parallel to its input rows."""
+    score: torch.Tensor          # (N,) own distance + how much nearer the nearest other category is
+    own_distance: torch.Tensor   # (N,) cosine distance to its category's centroid, itself left out
+    other_distance: torch.Tensor  # (N,) cosine distance to the nearest other category's centroid (inf: none)
+    nearest_other: torch.Tensor  # (N,) index of that category (-1: none)
+
+
+def suspicion_scores(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> Suspicion:
+    """Score each row by how untypical it is of its own label.
+
+    own = cosine distance to the centroid of its category's other images (leave-one-out, so an
+    outlier does not pull its own reference towards itself); other = the same distance to the
+    nearest other category's centroid. score = own + max(0, own - other): an off-topic image
+    is far from its own category, a mislabelled one is also nearer another. An image alone in
+    its category has nothing to compare with: own distance 1 (orthogonal), which ranks it high.
+    Features are L2-normalised first; only directions matter.
+    """
+    x = F.normalize(features.float(), dim=1)
+    y = labels.long()
+    onehot = F.one_hot(y, n_classes).float()            # (N, C)
+    sums = onehot.T @ x                                 # (C, D)
+    counts = onehot.sum(0)                              # (C,)
+
+    own_sum = sums[y] - x                               # leave-one-out: its category without itself
+    own_count = (counts[y] - 1).unsqueeze(1)
+    own_centroid = own_sum / own_count.clamp(min=1)
+    own_sim = F.cosine_similarity(x, own_centroid, dim=1, eps=1e-12)
+    own_sim = torch.where(own_count.squeeze(1) > 0, own_sim, torch.zeros_like(own_sim))
+    own_distance = 1 - own_sim
+
+    centroids = sums / counts.clamp(min=1).unsqueeze(1)
+    sims = x @ F.normalize(centroids, dim=1).T          # (N, C)
+    sims = sims.masked_fill(onehot.bool() | (counts == 0).unsqueeze(0), float("-inf"))
+    best_sim, nearest = sims.max(1)
+    other_distance = 1 - best_sim                       # inf where there is no other category
+    nearest = torch.where(torch.isfinite(best_sim), nearest, torch.full_like(nearest, -1))
+
+    margin = (own_distance - other_distance).clamp(min=0).nan_to_num(0.0)
+    return Suspicion(own_distance + margin, own_distance, other_distance, nearest)
+
+
+# ---------------------------------------------------------------- duplicates
+
+def duplicate_reasons(groups: Sequence[DuplicateGroup]) -> dict[str, list[str]]:
+    """Reasons per image id: later copies inside a category, and every copy that carries a
+    different label elsewhere (the user must say which label is right)."""
+    reasons: dict[str, list[str]] = {}
+    exact_copies: set[str] = set()  # a near group lists exact copies again: say it once, as exact
+    for group in sorted(groups, key=lambda g: g.kind != "exact"):
+        kind = "exact copy" if group.kind == "exact" else "near-duplicate"
+        first_in: dict[str, str] = {}
+        for image_id, category in zip(group.ids, group.categories):
+            if category not in first_in:
+                first_in[category] = image_id
+            elif image_id not in exact_copies:
+                reasons.setdefault(image_id, []).append(f"{kind} of image {first_in[category]}")
+                if group.kind == "exact":
+                    exact_copies.add(image_id)
+        if len(first_in) > 1:  # the same picture under two or more labels
+            for image_id, category in zip(group.ids, group.categories):
+                elsewhere = ", ".join(f"'{c}' as image {i}" for c, i in first_in.items() if c != category)
+                reasons.setdefault(image_id, []).append(f"{kind} also in {elsewhere}")
+    return {image_id: list(dict.fromkeys(r)) for image_id, r in reasons.items()}
+
+
+# ---------------------------------------------------------------- a project
+
+def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE,
+                    cache: FeatureCache | None = None,
+                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[SuspectImage]]:
+    """Every category of the project (empty ones too) -> its images, most suspicious first.
+
+    Images that need action (unreadable, a duplicate, a label conflict; see needs_action) come
+    before the rest; within each part, higher score first. Images nearer another category say
+    so in their reasons. Features come from the cache when present.
+    """
+    categories = [c.name for c in store.list_categories(project)]
+    records = store.list_images(project)
+    ranked: dict[str, list[SuspectImage]] = {name: [] for name in categories}
+    if not records:
+        return ranked
+    paths = [store.image_path(r) for r in records]
+    feats = extract_features(paths, backbone, cache=cache, on_progress=on_progress,
+                             names=[str(r.id) for r in records])
+    reasons: dict[int, list[str]] = {r.id: [] for r in records}
+    scores: dict[int, float] = {r.id: float("inf") for r in records}  # unreadable: first in line
+    for name, why in feats.failed:
+        reasons[int(name)].append(f"unreadable: {why}")
+
+    kept = [records[i] for i in feats.kept]
+    if kept:
+        index_of = {name: i for i, name in enumerate(categories)}
+        labels = torch.tensor([index_of[r.category] for r in kept])
+        result = suspicion_scores(feats.original, labels, len(categories))
+        for i, record in enumerate(kept):
+            scores[record.id] = float(result.score[i])
+            if result.nearest_other[i] >= 0 and result.other_distance[i] < result.own_distance[i]:
+                reasons[record.id].append(f"{LOOKS_LIKE} '{categories[int(result.nearest_other[i])]}'")
+        refs = [ImageRef(str(r.id), r.category, store.image_path(r)) for r in kept]
+        for image_id, why in duplicate_reasons(find_duplicates(refs)).items():
+            reasons[int(image_id)] += why
+
+    for record in records:
+        ranked[record.category].append(SuspectImage(record.id, scores[record.id], tuple(reasons[record.id])))
+    for name in ranked:
+        ranked[name].sort(key=lambda s: (not needs_action(s), -s.score, s.image_id))
+    return ranked
+
+
+def needs_action(suspect: SuspectImage) -> bool:
+    """A finding the user must act on whatever the score: unreadable, a copy, or a label conflict.
+    ("looks more like" is not one: it is already in the score, and borderline photos have it.)"""
+    return any(not r.startswith(LOOKS_LIKE) for r in suspect.reasons)
