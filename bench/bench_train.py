@@ -207,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the 1,000-image memory run")
     parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--datasets", default="hymenoptera,flowers", type=lambda v: v.split(","))
     args = parser.parse_args()
     root = datasets_dir()
     work = Path(tempfile.mkdtemp(prefix="nanostream-bench-"))
@@ -214,8 +215,12 @@ def main() -> None:
     sets = make_sets(root, work, args.per_class)
     config = TrainConfig()  # what one click does: auto backbone, default augmentation, fast mode
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    rows, figures = [], {}
+    figures = {}
+    print(f"\n{'dataset':<12} {'backbone':<19} {'NanoStream acc':>14} {'s':>7} {'baseline acc':>12} {'s':>7} "
+          f"{'speedup':>8} {'rebuild s':>9} {'rebuild x':>9}", flush=True)
     for name, data in sets.items():
+        if name not in args.datasets:
+            continue
         result, seconds = nanostream_build(data, config)
         base_acc, base_seconds = baseline_finetune(data, result.backbone)
         extra = max(1, round(args.per_class * 0.1))
@@ -229,17 +234,13 @@ def main() -> None:
             "candidates": {c.backbone: c.cv_accuracy for c in result.candidates},
             "n_train": result.n_train, "n_val": result.n_val,
         }
-        rows.append((name, figures[name]))
-        print(f"{name}: done", file=sys.stderr)
-
-    print(f"\n{'dataset':<12} {'backbone':<19} {'NanoStream acc':>14} {'s':>7} {'baseline acc':>12} {'s':>7} "
-          f"{'speedup':>8} {'rebuild s':>9} {'rebuild x':>9}")
-    for name, f in rows:
+        f = figures[name]
         print(f"{name:<12} {f['backbone']:<19} {f['nanostream_accuracy']:>14.3f} {f['nanostream_seconds']:>7.1f} "
               f"{f['baseline_accuracy']:>12.3f} {f['baseline_seconds']:>7.1f} {f['speedup']:>7.1f}x "
               f"{f['rebuild_seconds']:>9.1f} {f['rebuild_speedup']:>8.1f}x")
         print(f"{'':<12} train {f['n_train']}, val {f['n_val']}; candidates (cv accuracy): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in f["candidates"].items()))
+              + ", ".join(f"{k} {v:.3f}" for k, v in f["candidates"].items()), flush=True)
+
 
     # one image, one model (the hymenoptera build, registered like any other)
     from nanostream.models import save_trained

@@ -1,0 +1,153 @@
+"""Serving commands: `serve`, `keys create|list|revoke`, `export`, `publish` and `unpublish`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import socket
+
+from .cli import UserError, _emit
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .api import ServeConfig, create_app
+
+    try:  # a clear one-line error now beats uvicorn's log line and exit status 1 later
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    config = ServeConfig(batching=not args.no_batching)
+    print(f"serving on http://{args.host}:{args.port} (API docs at /docs), "
+          f"batching {'on' if config.batching else 'off'}", flush=True)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+
+
+def cmd_keys_create(args) -> None:
+    from .keys import create_key
+
+    record, key = create_key(args.name)
+    if args.json:
+        print(f"created key '{record.name}'; it is shown once, store it now")
+        print(json.dumps({**record.public(), "key": key}))
+    else:
+        print(f"created key '{record.name}'; it is shown once, store it now. Send it as "
+              f"'Authorization: Bearer <key>'. The key:")
+        print(key)
+
+
+def cmd_keys_list(args) -> None:
+    from .keys import list_keys
+
+    rows = [k.public() for k in list_keys()]
+    text = "\n".join(f"{r['name']:<24} created {r['created_at']}"
+                     + (f"  revoked {r['revoked_at']}" if r["revoked"] else "") for r in rows)
+    _emit(args, text or "no keys yet (`nanostream keys create`)", rows)
+
+
+def cmd_keys_revoke(args) -> None:
+    from .keys import revoke_key
+
+    record = revoke_key(args.name)
+    _emit(args, f"revoked key '{record.name}' at {record.revoked_at}", record.public())
+
+
+def cmd_export(args) -> None:
+    from .export import export_model
+
+    result = export_model(args.model, args.format, args.out)
+    _emit(args, f"exported {result.model_id} as {result.format} -> {result.path}\nlabels and preprocessing -> "
+                f"{result.labels_path}",
+          {"model_id": result.model_id, "format": result.format, "path": str(result.path),
+           "labels": str(result.labels_path)})
+
+
+def demo_path(model_id: str) -> str:
+    return f"/demo?model={model_id}"
+
+
+def set_published(ref: str, published: bool) -> str:
+    """Publish or unpublish a registered model (or a bundle file, recorded first); returns its id."""
+    from .bundle import read_bundle
+    from .models import resolve_model
+    from .store import Store, StoreError
+
+    path = resolve_model(ref).resolve()
+    meta = read_bundle(path, with_tensors=False)[0]
+    model_id = meta["model_id"]
+    with Store() as store:
+        try:
+            store.get_model(model_id)
+        except StoreError:  # trained from a folder: the store learns of it now
+            created = meta.get("created_at")
+            created = datetime.datetime.fromisoformat(created).timestamp() if created else None
+            try:
+                store.record_model(meta.get("project"), model_id, path, meta.get("metrics") or {}, created)
+            except StoreError:  # its project is gone or was never in this store
+                store.record_model(None, model_id, path, meta.get("metrics") or {}, created)
+        store.set_published(model_id, published)
+    return model_id
+
+
+def cmd_publish(args) -> None:
+    model_id = set_published(args.model, True)
+    path = demo_path(model_id)
+    payload = {"model_id": model_id, "published": True, "demo": path}
+    if args.json:
+        _emit(args, f"published {model_id}: anyone may use it without an API key", payload)
+    else:
+        print(f"published {model_id}: anyone may use it without an API key; demo page:")
+        print(path)
+
+
+def cmd_unpublish(args) -> None:
+    model_id = set_published(args.model, False)
+    _emit(args, f"unpublished {model_id}: it needs an API key again",
+          {"model_id": model_id, "published": False})
+
+
+def register(sub, command) -> None:
+    def add(name, func, help_text):
+        if name in sub.choices:  # another command group registered it first: theirs stands
+            return None
+        return command(name, func, help_text)
+
+    p = add("serve", cmd_serve, "serve the HTTP API (docs at /docs)")
+    if p:
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--no-batching", action="store_true",
+                       help="one forward pass per request (the benchmark's baseline)")
+
+    p = add("keys", None, "API keys: create, list, revoke")
+    if p:
+        keys = p.add_subparsers(dest="keys_command", required=True)
+
+        def key_command(name, func, help_text):
+            q = keys.add_parser(name, help=help_text, description=help_text)
+            q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help="last stdout line is one JSON document")
+            q.set_defaults(func=func)
+            return q
+
+        key_command("create", cmd_keys_create, "create a key; it is printed once, alone on the last line") \
+            .add_argument("--name", help="a label to list and revoke it by (default key-N)")
+        key_command("list", cmd_keys_list, "keys with their names and dates (never the keys)")
+        key_command("revoke", cmd_keys_revoke, "revoke a key by name").add_argument("name")
+
+    p = add("export", cmd_export, "export a model as ONNX or TorchScript, with a .labels.json beside it")
+    if p:
+        p.add_argument("model", help="bundle path or model_id")
+        p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+        p.add_argument("--out", required=True, help="output file; labels go to the same name with .labels.json")
+
+    p = add("publish", cmd_publish, "open a model to anyone (no API key); prints its demo path last")
+    if p:
+        p.add_argument("model", help="model_id or bundle path")
+    p = add("unpublish", cmd_unpublish, "require an API key for a model again")
+    if p:
+        p.add_argument("model", help="model_id or bundle path")

@@ -1,0 +1,404 @@
+"""The HTTP API against a real trained model: access, predictions equal to the CLI's, refusals, batching."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from model_fixture import TinyModel, copy_as, tiny_model
+from nanostream import cli, keys
+from nanostream.api import ServeConfig, create_app
+from nanostream.batching import BatchConfig, BatcherClosed, MicroBatcher
+from nanostream.images import normalize_image
+from nanostream.predict import load_classifier
+
+PRIVATE, PUBLIC = "m-private0001", "m-public00001"
+TOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Served:
+    model: TinyModel
+    home: Path
+    key: str
+    revoked_key: str
+
+
+@pytest.fixture(scope="module")
+def served(datasets, tmp_path_factory):
+    """A NANOSTREAM_HOME of its own: one private and one published copy of the model, two keys."""
+    model = tiny_model()
+    home = tmp_path_factory.mktemp("api-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOSTREAM_HOME", str(home))
+        (home / "models").mkdir()
+        copy_as(model, home / "models", PRIVATE)
+        copy_as(model, home / "models", PUBLIC)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli.main(["publish", PUBLIC]) == 0
+        assert out.getvalue().splitlines()[-1] == f"/demo?model={PUBLIC}"
+        _, key = keys.create_key("tests")
+        _, revoked = keys.create_key("old")
+        keys.revoke_key("old")
+        yield Served(model, home, key, revoked)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with TestClient(create_app()) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tight(served):
+    """Small limits, so every refusal can be provoked with small bodies."""
+    config = ServeConfig(max_images=3, max_file_bytes=100_000, max_request_bytes=400_000)
+    with TestClient(create_app(config)) as c:
+        yield c
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def uploads(paths) -> list:
+    return [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+def png(size=(40, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 200)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims this size but holds one row: a few bytes that would decode to a huge picture."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * width))) + chunk(b"IEND", b""))
+
+
+def assert_error(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    for word in words:
+        assert word in body["error"], body
+    return body
+
+
+def assert_same_predictions(got: list[dict], expected: list[dict], tol: float = TOL) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert set(g) == {"label", "confidence", "probs"}
+        assert g["label"] == e["label"]
+        assert abs(g["confidence"] - e["confidence"]) <= tol
+        assert set(g["probs"]) == set(e["probs"])
+        assert all(abs(g["probs"][k] - e["probs"][k]) <= tol for k in e["probs"])
+
+
+# ---------------------------------------------------------------- docs, health, listing
+
+def test_healthz_and_docs(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/healthz", "/v1/models", "/v1/models/{model_id}", "/v1/models/{model_id}/predict"} <= set(spec["paths"])
+    body = spec["paths"]["/v1/models/{model_id}/predict"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+
+
+def test_anyone_lists_published_models_and_a_key_lists_all(client, served):
+    anonymous = [m["model_id"] for m in client.get("/v1/models").json()["models"]]
+    assert anonymous == [PUBLIC]
+    with_key = client.get("/v1/models", headers=auth(served.key)).json()["models"]
+    assert {m["model_id"] for m in with_key} == {PUBLIC, PRIVATE}
+    info = next(m for m in with_key if m["model_id"] == PRIVATE)
+    assert info["classes"] == list(served.model.labels)
+    assert info["published"] is False and info["name"] and info["created"]
+    assert 0.0 <= info["metrics"]["accuracy"] <= 1.0
+    assert "highest_loss" not in info["metrics"]  # it names local training files
+
+
+def test_model_details_follow_access(client, served):
+    public = client.get(f"/v1/models/{PUBLIC}")
+    assert public.status_code == 200 and public.json()["published"] is True
+    assert public.json()["classes"] == list(served.model.labels)
+    assert_error(client.get(f"/v1/models/{PRIVATE}"), 401, "API key")
+    assert client.get(f"/v1/models/{PRIVATE}", headers=auth(served.key)).json()["model_id"] == PRIVATE
+
+
+def test_unknown_model_is_404(client, served):
+    assert_error(client.get("/v1/models/m-nothere000", headers=auth(served.key)), 404, "m-nothere000")
+    assert_error(client.post("/v1/models/m-nothere000/predict", files=uploads(served.model.photos[:1])), 404)
+    # ids are never read as paths: a file name in the working directory is not a model
+    assert_error(client.get("/v1/models/pyproject.toml", headers=auth(served.key)), 404)
+    assert_error(client.get("/v1/nowhere"), 404)
+    assert_error(client.delete("/v1/models"), 405)
+
+
+# ---------------------------------------------------------------- predictions
+
+def test_predictions_equal_the_cli(client, served, capsys):
+    photos = served.model.photos
+    assert cli.main(["predict", str(served.home / "models" / f"{PRIVATE}.safetensors"), *map(str, photos),
+                     "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out.splitlines()[-1])
+    response = client.post(f"/v1/models/{PRIVATE}/predict", files=uploads(photos), headers=auth(served.key))
+    assert response.status_code == 200, response.text
+    got = response.json()["predictions"]
+    assert_same_predictions(got, expected)
+    # the same through Classifier.predict_files, the library call behind the CLI
+    reference = load_classifier(served.home / "models" / f"{PRIVATE}.safetensors").predict_files(photos)
+    assert_same_predictions(got, [p.to_dict() for p in reference])
+    assert len({g["confidence"] for g in got}) > 1  # a real model: each photo gets its own answer
+
+
+def test_published_model_needs_no_key(client, served):
+    response = client.post(f"/v1/models/{PUBLIC}/predict", files=uploads(served.model.photos[:2]))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 2
+
+
+def test_private_model_needs_a_valid_key(client, served):
+    url = f"/v1/models/{PRIVATE}/predict"
+    files = uploads(served.model.photos[:1])
+    assert_error(client.post(url, files=files), 401, "API key")
+    assert_error(client.post(url, files=files, headers=auth("ns_" + "x" * 43)), 401, "invalid")
+    assert_error(client.post(url, files=files, headers={"Authorization": served.key}), 401, "Bearer")
+    assert_error(client.post(url, files=files, headers=auth(served.revoked_key)), 403, "revoked")
+    assert_error(client.get("/v1/models", headers=auth(served.revoked_key)), 403, "revoked")
+    assert client.post(url, files=files, headers=auth(served.key)).status_code == 200
+
+
+def test_revoking_takes_effect_at_once(client, served):
+    _, key = keys.create_key("short-lived")
+    url = f"/v1/models/{PRIVATE}"
+    assert client.get(url, headers=auth(key)).status_code == 200
+    keys.revoke_key("short-lived")
+    assert_error(client.get(url, headers=auth(key)), 403, "revoked")
+
+
+def test_urls_are_fetched_by_the_safe_downloader(client, served, httpserver, monkeypatch):
+    monkeypatch.setenv("NANOSTREAM_ALLOW_PRIVATE_HOSTS", "1")  # the test server is on 127.0.0.1
+    photos = served.model.photos[:2]
+    for i, photo in enumerate(photos):
+        httpserver.expect_request(f"/{i}.jpg").respond_with_data(photo.read_bytes(), content_type="image/jpeg")
+    urls = [httpserver.url_for(f"/{i}.jpg") for i in range(len(photos))]
+    response = client.post(f"/v1/models/{PUBLIC}/predict", json={"urls": urls})
+    assert response.status_code == 200, response.text
+    # the downloader stores what normalize_image makes of a photo; that is what gets classified
+    classifier = load_classifier(served.home / "models" / f"{PUBLIC}.safetensors")
+    expected = classifier.predict_bytes([normalize_image(p.read_bytes()) for p in photos], urls)
+    assert_same_predictions(response.json()["predictions"], [p.to_dict() for p in expected])
+
+
+def test_private_and_bad_urls_are_422(client, served):
+    url = f"/v1/models/{PUBLIC}/predict"
+    body = assert_error(client.post(url, json={"urls": ["http://127.0.0.1:9/ant.jpg"]}), 422, "127.0.0.1")
+    assert body["failed"][0]["url"] == "http://127.0.0.1:9/ant.jpg"
+    assert "private address" in body["failed"][0]["reason"]
+    assert_error(client.post(url, json={"urls": ["http://10.0.0.1/a.jpg"]}), 422, "private address")
+    assert_error(client.post(url, json={"urls": ["ftp://example.com/a.jpg"]}), 422, "scheme")
+    assert_error(client.post(url, json={"urls": ["not a url"]}), 422)
+    assert_error(client.post(url, json={"urls": []}), 422, "urls")
+    assert_error(client.post(url, json={"urls": "http://example.com/a.jpg"}), 422, "urls")
+    assert_error(client.post(url, json={"url": ["http://example.com/a.jpg"]}), 422, "urls")
+    assert_error(client.post(url, json={"urls": [1, 2]}), 422, "urls")
+    json_type = {"Content-Type": "application/json"}
+    assert_error(client.post(url, content=b"{not json", headers=json_type), 422, "JSON")
+    assert_error(client.post(url, content=b"[" * 100_000, headers=json_type), 422, "JSON")
+
+
+def test_a_model_that_cannot_load_here_is_503(client, served):
+    from nanostream.bundle import read_bundle, save_bundle
+
+    meta, tensors = read_bundle(served.model.path)
+    broken = save_bundle(served.home / "models" / "m-otherweights.safetensors",
+                         {**meta, "model_id": "m-otherweights", "backbone_weights": "0" * 16}, tensors)
+    try:
+        response = client.post("/v1/models/m-otherweights/predict", files=uploads(served.model.photos[:1]),
+                               headers=auth(served.key))
+        assert_error(response, 503, "other efficientnet_lite0 weights")
+    finally:
+        broken.unlink()
+
+
+# ---------------------------------------------------------------- refusals of bad input
+
+def test_not_an_image_is_415(client, served):
+    url = f"/v1/models/{PUBLIC}/predict"
+    good = uploads(served.model.photos[:1])
+    body = [("file", ("notes.txt", b"hello, not a picture", "text/plain"))]
+    assert_error(client.post(url, files=good + body), 415, "image 2", "notes.txt")
+    assert_error(client.post(url, files=[("file", ("empty.jpg", b"", "image/jpeg"))]), 415, "empty")
+    truncated = served.model.photos[0].read_bytes()[:2000]
+    assert_error(client.post(url, files=[("file", ("cut.jpg", truncated, "image/jpeg"))]), 415, "cut.jpg")
+    assert_error(client.post(url, content=b"raw bytes", headers={"Content-Type": "image/jpeg"}), 415, "multipart")
+    bomb = png_header(10_000, 8_000)  # 80 MP by its header: refused before any decoding
+    assert_error(client.post(url, files=[("file", ("bomb.png", bomb, "image/png"))]), 415, "too many pixels")
+    assert_error(client.post(url), 415)
+
+
+def test_missing_images_are_422(client):
+    url = f"/v1/models/{PUBLIC}/predict"
+    assert_error(client.post(url, files=[("other", ("a.png", png(), "image/png"))]), 422, "'file'")
+    assert_error(client.post(url, data={"file": "text, not a file"}, files=[("x", ("a", b"a"))]), 422, "files")
+
+
+def test_limits_are_413(tight):
+    url = f"/v1/models/{PUBLIC}/predict"
+    small = ("file", ("a.png", png(), "image/png"))
+    assert tight.post(url, files=[small] * 3).status_code == 200
+    assert_error(tight.post(url, files=[small] * 4), 413, "too many images")
+    assert_error(tight.post(url, json={"urls": ["http://example.com/a.jpg"] * 4}), 413, "too many images")
+    big = ("file", ("big.png", png() + b"\0" * 100_000, "image/png"))  # over the per-file limit
+    assert_error(tight.post(url, files=[small, big]), 413, "big.png")
+    assert_error(tight.post(url, files=[big] * 5), 413, "larger")  # the whole body over the request limit
+    huge = b"\0" * 500_000
+    assert_error(tight.post(url, content=huge, headers={"Content-Type": "application/json"}), 413, "larger")
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(50):
+            yield b"x" * 10_000
+
+    assert_error(tight.post(url, content=chunks(), headers={"Content-Type": "application/json"}), 413, "larger")
+
+
+# ---------------------------------------------------------------- batching
+
+def test_concurrent_requests_share_forward_passes(served):
+    """Eight clients at once: one forward pass serves several, and each gets its own answers."""
+    photos = list(served.model.photos) + list(served.model.photos[:2])
+    config = ServeConfig(batch=BatchConfig(max_batch=len(photos), max_wait_ms=500))
+    path = served.home / "models" / f"{PUBLIC}.safetensors"
+    expected = [p.to_dict() for p in load_classifier(path).predict_files(photos)]
+    with TestClient(create_app(config)) as c:
+        def ask(photo):
+            return c.post(f"/v1/models/{PUBLIC}/predict", files=uploads([photo]))
+
+        with ThreadPoolExecutor(len(photos)) as pool:
+            responses = list(pool.map(ask, photos))
+        stats = c.app.state.service.batchers()[PUBLIC].stats
+    assert all(r.status_code == 200 for r in responses)
+    got = [r.json()["predictions"][0] for r in responses]
+    assert_same_predictions(got, expected, tol=1e-4)  # batch composition may change the last bits
+    assert stats.requests == len(photos) and stats.largest > 1 and stats.batches < len(photos)
+
+
+def test_batching_off_gives_the_same_predictions(served, client):
+    photos = served.model.photos[:3]
+    batched = client.post(f"/v1/models/{PUBLIC}/predict", files=uploads(photos)).json()["predictions"]
+    with TestClient(create_app(ServeConfig(batching=False))) as c:
+        alone = c.post(f"/v1/models/{PUBLIC}/predict", files=uploads(photos)).json()["predictions"]
+        assert c.app.state.service.batchers() == {}
+    assert_same_predictions(alone, batched)
+
+
+def _blocking_forward(calls: list, started: threading.Event, release: threading.Event):
+    def forward(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(10)
+        return x * 2
+    return forward
+
+
+def test_batcher_merges_what_waits_behind_a_forward_pass():
+    calls, started, release = [], threading.Event(), threading.Event()
+    batcher = MicroBatcher(_blocking_forward(calls, started, release), BatchConfig(max_batch=8, max_wait_ms=1))
+    first = batcher.submit(torch.ones(1, 2))
+    assert started.wait(10)
+    sizes = (4, 3, 1, 4)
+    later = [batcher.submit(torch.full((k, 2), float(k))) for k in sizes]
+    release.set()
+    assert torch.equal(first.result(10), torch.full((1, 2), 2.0))
+    for k, future in zip(sizes, later):
+        assert torch.equal(future.result(10), torch.full((k, 2), 2.0 * k))  # each gets its own rows
+    assert calls == [1, 8, 4]  # 4+3+1 fill a batch of 8; the last 4 go next
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        batcher.submit(torch.ones(1, 2))
+
+
+def test_batcher_errors_reach_every_request_and_cancelled_ones_are_skipped():
+    calls, started, release = [], threading.Event(), threading.Event()
+    forward = _blocking_forward(calls, started, release)
+
+    def failing(x):
+        forward(x)
+        if len(calls) > 1:
+            raise RuntimeError("out of memory")
+        return x
+
+    batcher = MicroBatcher(failing, BatchConfig(max_batch=16, max_wait_ms=1))
+    batcher.submit(torch.ones(1, 2))
+    assert started.wait(10)
+    gone = batcher.submit(torch.ones(5, 2))
+    a, b = batcher.submit(torch.ones(1, 2)), batcher.submit(torch.ones(2, 2))
+    assert gone.cancel()  # the client went away before its turn
+    release.set()
+    for future in (a, b):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            future.result(10)
+    batcher.close()
+    assert calls == [1, 3]
+
+
+# ---------------------------------------------------------------- the real server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_runs_uvicorn(served):
+    port = _free_port()
+    env = {**os.environ, "NANOSTREAM_HOME": str(served.home)}
+    server = subprocess.Popen([sys.executable, "-m", "nanostream", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:  # poll with a bound: the server is up when it answers
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            assert time.monotonic() < deadline, "server did not start in 60 s"
+            time.sleep(0.1)
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+        assert [m["model_id"] for m in listed["models"]] == [PUBLIC]
+        # the port is taken now: a second server says so in one line
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert cli.main(["serve", "--port", str(port)]) == 2
+        assert "cannot listen" in err.getvalue()
+    finally:
+        server.terminate()
+        server.wait(30)
