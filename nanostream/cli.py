@@ -98,6 +98,10 @@ def cmd_train(args) -> None:
     config.policy()  # an unknown policy or fill fails here, before any work
     result = train(dataset, config, on_progress=StageBars(not args.quiet))
     model_id, path = save_trained(result, args.out, project)
+    if project:  # a project's builds are its versions, listed by the app's Share page
+        from .store import Store
+
+        Store().record_model(project, model_id, path, result.metrics)
     summary = {
         "model_id": model_id, "path": str(args.out or path), "accuracy": result.metrics["accuracy"],
         "backbone": result.backbone, "mode": result.mode, "augment": result.policy.name,
@@ -214,20 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("backbones", cmd_backbones, "list backbones and whether they are available offline")
     p.add_argument("--download", nargs="*", metavar="NAME", help="fetch torchvision weights into the cache")
 
-    for register in _extensions():
-        register(sub, command)
+    from . import cli_experiment, cli_project, cli_serve  # command groups beside the modules they drive
+
+    for group in (cli_project, cli_serve, cli_experiment):
+        group.register(sub, command)
     return parser
-
-
-def _extensions():
-    """Command groups that live beside the modules they drive (projects, images, serving, ...)."""
-    import importlib
-
-    for module in ("cli_project", "cli_serve", "cli_experiment"):
-        try:
-            yield importlib.import_module(f".{module}", __package__).register
-        except ModuleNotFoundError:
-            continue
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,6 +260,8 @@ def test_train_a_project_and_review_it(capsys, home, datasets, tmp_path):
     summary = ok(capsys, "train", "hymenoptera", "--backbone", "efficientnet_lite0", "--views", "1", "--json")
     assert summary["classes"] == ["ants", "bees"]  # the empty category is left out
     assert summary["n_train"] + summary["n_val"] == 12 and 0.5 <= summary["accuracy"] <= 1
+    from nanostream.store import Store
+    assert [m.model_id for m in Store().list_models("hymenoptera")] == [summary["model_id"]]
 
     review = ok(capsys, "images", "review", "hymenoptera", "--json", "--quiet")
     assert set(review["categories"]) == {"ants", "bees", "wasps"}
