@@ -8,4 +8,4 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 # torch and torchvision install from the local disk on NanoStream's machines (see README).
 python -m pip install -q torch==2.14.1 torchvision==0.29.1 -r requirements-dev.txt -e .
-python -m pytest "$@"
+python -m pytest -q "$@"
