@@ -1,0 +1,67 @@
+"""NanoStream: a few category names and a few photos -> an image classifier, in the browser.
+
+Run `streamlit run app.py`. This file holds the navigation and the shared sidebar only; each
+step is a page in pages/. NANOSTREAM_DEMO_ONLY=1 serves the demo page alone, for an app
+that faces the public (every other page edits projects, and the app has no login).
+"""
+
+import os
+
+import streamlit as st
+
+from nanostream import ui
+from nanostream.sample import ensure_sample_project
+
+st.set_page_config(page_title="NanoStream", page_icon=":material/neurology:", layout="wide")
+
+DEMO = st.Page("pages/demo.py", title="Demo", icon=":material/play_circle:", url_path="demo", visibility="hidden")
+STEPS = [
+    st.Page("pages/projects.py", title="Projects", icon=":material/folder_open:", url_path="projects", default=True),
+    st.Page("pages/categories.py", title="Categories", icon=":material/label:", url_path="categories"),
+    st.Page("pages/images.py", title="Images", icon=":material/photo_library:", url_path="images"),
+    st.Page("pages/build.py", title="Build", icon=":material/model_training:", url_path="build"),
+    st.Page("pages/test.py", title="Test", icon=":material/science:", url_path="test"),
+    st.Page("pages/share.py", title="Share", icon=":material/share:", url_path="share"),
+]
+
+
+@st.cache_resource
+def _sample_ready(root: str) -> bool:
+    """Once per app process and store: the sample project on first launch."""
+    ensure_sample_project(ui.open_store())
+    return True
+
+
+def project_picker_ui(store) -> None:
+    """The current project, shared by every page as st.session_state['app_project'] and kept in
+    the URL (?project=...) so a refresh returns to it."""
+    names = [p.name for p in store.list_projects()]
+    current = st.session_state.get("app_project") or st.query_params.get("project")
+    if current not in names:
+        current = None
+    st.session_state["app_project"] = current
+    st.session_state["app_project_picker"] = current  # pages change app_project; the picker follows
+
+    def picked():
+        st.session_state["app_project"] = st.session_state["app_project_picker"]
+
+    st.sidebar.selectbox("Project", names, key="app_project_picker", on_change=picked,
+                         placeholder="Choose a project")
+    if current:
+        st.query_params["project"] = current
+        counts = store.counts(current)
+        st.sidebar.caption(f"{len(counts)} categories, {sum(counts.values())} images")
+    else:
+        st.query_params.pop("project", None)
+
+
+if os.environ.get("NANOSTREAM_DEMO_ONLY") == "1":
+    st.navigation([DEMO], position="hidden").run()
+    st.stop()
+
+_sample_ready(str(ui.open_store().root))
+# A demo link (/demo?model=...) shows no navigation: the person holding it sees the model only.
+page = st.navigation({"NanoStream": [*STEPS, DEMO]}, position="hidden" if "model" in st.query_params else "sidebar")
+if page.url_path != "demo":
+    project_picker_ui(ui.open_store())
+page.run()

@@ -1,0 +1,80 @@
+"""Step 5: try a model on new photos; a labelled zip or folder measures its accuracy."""
+
+import streamlit as st
+
+from nanostream import ui
+
+IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+MAX_URLS = 20  # fetched while the page waits: a handful, not a batch job
+
+ui.run_through_app()
+store = ui.open_store()
+project = ui.require_project()
+st.header("Test")
+models = store.list_models(project)
+if not models:
+    st.info("No model yet: build one first.")
+    st.page_link("pages/build.py", label="Go to Build", icon=":material/model_training:")
+    st.stop()
+
+by_id = {m.model_id: m for m in models}
+left, right = st.columns([2, 1])
+model_id = left.selectbox("Model version", list(by_id), key="test_model", format_func=lambda i: (
+    f"{i} · {by_id[i].metrics.get('accuracy', 0):.0%} held-out accuracy · built {ui.when(by_id[i].created_at)}"))
+threshold = right.slider("'Not sure' below", 0.0, 1.0, ui.NOT_SURE, 0.05, key="test_threshold",
+                         help="When the top probability is under this, the answer is shown as 'not sure'.")
+try:
+    classifier = ui.load_model(by_id[model_id].bundle_path)
+except (ValueError, OSError, RuntimeError) as exc:  # BundleError, a missing file, BackboneUnavailable
+    st.error(f"Cannot load model {model_id}: {exc}")
+    st.stop()
+st.caption(f"Categories: {', '.join(classifier.labels)}")
+
+photos_tab, urls_tab, measure_tab = st.tabs(["Upload photos", "Paste URLs", "Measure accuracy"])
+with photos_tab:
+    files = st.file_uploader("Photos to classify", type=IMAGE_TYPES, accept_multiple_files=True, key="test_files")
+    if files:
+        payloads = [f.getvalue() for f in files]
+        for prediction, data in zip(classifier.predict_bytes(payloads, [f.name for f in files]), payloads):
+            ui.prediction_ui(prediction, data, threshold)
+with urls_tab:
+    text = st.text_area(f"Image URLs, one per line (up to {MAX_URLS})", key="test_urls")
+    if st.button("Classify", key="test_urls_go") and text.strip():
+        from nanostream.download import fetch_images
+        from nanostream.ingest import parse_url_list
+
+        urls, bad = parse_url_list(text)
+        for line, content in bad:
+            st.error(f"Line {line} is not an http(s) URL: {content[:80]}")
+        with st.spinner(f"Downloading {len(urls[:MAX_URLS])} image(s)…"):
+            report = fetch_images(urls[:MAX_URLS])
+        for failure in report.failed:
+            st.error(f"{failure.url}: {failure.reason}")
+        fetched = list(report.fetched)
+        for prediction, item in zip(classifier.predict_bytes([f.data for f in fetched], [f.url for f in fetched]), fetched):
+            ui.prediction_ui(prediction, item.data, threshold)
+with measure_tab:
+    st.caption("Upload a .zip (or a folder) with one subfolder per category, named like the model's categories, "
+               "holding photos the model has not seen.")
+    archives = st.file_uploader("Labelled .zip", type=["zip"], accept_multiple_files=True, key="test_zip")
+    folder = st.file_uploader("…or a labelled folder", type=IMAGE_TYPES, accept_multiple_files="directory",
+                              key="test_folder")
+    if archives or folder:
+        items, skipped = ui.labelled_files([(f.name, f.getvalue()) for f in [*archives, *folder]])
+        with st.spinner(f"Classifying {len(items)} photo(s)…"):
+            evaluation = ui.evaluate(classifier, items)
+        if evaluation.n:
+            st.metric(f"Accuracy on {evaluation.n} photos", f"{evaluation.accuracy:.0%}")
+            st.dataframe([{"category": label, "correct": c, "photos": n, "accuracy": f"{c / n:.0%}" if n else "—"}
+                          for label, (c, n) in evaluation.per_class.items()], hide_index=True)
+            for file, true, predicted, confidence in evaluation.mistakes[:30]:
+                st.caption(f"{file}: is {true}, predicted {predicted} ({confidence:.0%})")
+        else:
+            st.error("No usable photos found: put them in folders named after the model's categories "
+                     f"({', '.join(classifier.labels)}).")
+        if evaluation.skipped or skipped:
+            with st.expander(f"{len(evaluation.skipped) + len(skipped)} file(s) skipped"):
+                for file, reason in [*skipped, *evaluation.skipped][:100]:
+                    st.caption(f"{file}: {reason}")
+
+st.page_link("pages/share.py", label="Next: share the model", icon=":material/arrow_forward:")
