@@ -135,30 +135,9 @@ class _CountingProvider:
         return self.provider.images(query, max_results)
 
 
-def _store_hits(store, project: str, category: str, hits, fetched_report) -> dict:
-    from .store import Provenance, StoreError
-
-    by_url = {hit.url: hit for hit in hits}
-    added, duplicates, failed = [], [], [{"url": f.url, "reason": f.reason} for f in fetched_report.failed]
-    for fetched in fetched_report.fetched:
-        hit = by_url[fetched.url]
-        provenance = Provenance("web_search", query=hit.query, page_url=hit.page_url, image_url=hit.url,
-                                final_url=fetched.final_url, license=hit.license,
-                                width=fetched.width, height=fetched.height)
-        try:
-            record, is_new = store.add_image(project, category, fetched.data, provenance)
-        except (StoreError, OSError) as exc:
-            failed.append({"url": fetched.url, "reason": f"could not store: {exc}"})
-            continue
-        if is_new:
-            added.append(record.id)
-        else:
-            duplicates.append({"url": fetched.url, "image_id": record.id, "category": record.category})
-    return {"added": added, "duplicates": duplicates, "failed": failed}
-
-
 def cmd_images_search(args) -> None:
     from . import download, paths
+    from .ingest import add_search_hits
     from .search import QueryCache, SearchPacing, search_category
 
     if args.per_category < 1:
@@ -192,7 +171,7 @@ def cmd_images_search(args) -> None:
                                      on_progress=bars.bar(f"search {category.name}"))
             fetched = download.fetch_images([hit.url for hit in report.hits],
                                             on_progress=bars.bar(f"download {category.name}"))
-            stored = _store_hits(store, project, category.name, report.hits, fetched)
+            stored = add_search_hits(store, project, category.name, report.hits, fetched)
             results[category.name] = {"searched": True, "found": len(report.hits), **stored,
                                       "errors": list(report.errors), "queries": list(report.queries),
                                       "rate_limited": report.rate_limited}

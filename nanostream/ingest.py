@@ -404,3 +404,66 @@ def add_upload(store: Store, project: str, category: str | None, filename: str, 
     else:
         run.add_raw(filename, data, None, name)
     return run.report()
+
+
+def add_search_hits(store, project: str, category: str, hits, fetched_report) -> dict:
+    """Store downloaded search hits with their provenance; {added, duplicates, failed} for the report."""
+    by_url = {hit.url: hit for hit in hits}
+    added, duplicates, failed = [], [], [{"url": f.url, "reason": f.reason} for f in fetched_report.failed]
+    for fetched in fetched_report.fetched:
+        hit = by_url[fetched.url]
+        provenance = Provenance("web_search", query=hit.query, page_url=hit.page_url, image_url=hit.url,
+                                final_url=fetched.final_url, license=hit.license,
+                                width=fetched.width, height=fetched.height)
+        try:
+            record, is_new = store.add_image(project, category, fetched.data, provenance)
+        except (StoreError, OSError) as exc:
+            failed.append({"url": fetched.url, "reason": f"could not store: {exc}"})
+            continue
+        if is_new:
+            added.append(record.id)
+        else:
+            duplicates.append({"url": fetched.url, "image_id": record.id, "category": record.category})
+    return {"added": added, "duplicates": duplicates, "failed": failed}
+
+
+def labelled_uploads(files: Sequence[tuple[str, bytes]],
+                   limits: IngestLimits = IngestLimits()) -> tuple[list[tuple[str, str, bytes]], list[tuple[str, str]]]:
+    """(name, label, bytes) for each image of uploaded zips or a folder upload, the label being its
+    folder ('test/cats/a.jpg' -> cats), and (name, reason) for what cannot be used."""
+    entries: list[tuple[str, tuple[str, ...], bytes | zipfile.ZipInfo, zipfile.ZipFile | None]] = []
+    skipped: list[tuple[str, str]] = []
+    archives = []
+    for name, data in files:
+        if name.lower().endswith(".zip"):
+            try:
+                archive = zipfile.ZipFile(io.BytesIO(data))
+            except zipfile.BadZipFile as exc:
+                skipped.append((name, f"not a readable zip archive: {exc}"))
+                continue
+            archives.append(archive)
+            infos = [i for i in archive.infolist() if not i.is_dir()][: limits.max_archive_files]
+            for info in infos:
+                parts = safe_parts(info.filename)
+                if parts and not _is_hidden(parts) and is_image_name(parts[-1]):
+                    entries.append((f"{name}/{info.filename}", parts, info, archive))
+        elif is_image_name(name):
+            entries.append((name, safe_parts(name) or (name,), data, None))
+        else:
+            skipped.append((name, "not an image or a .zip"))
+    labels = layout_categories([parts for _, parts, _, _ in entries])
+    out = []
+    for (name, _, payload, archive), label in zip(entries, labels):
+        if label is None:
+            skipped.append((name, "not in a folder named after its category"))
+            continue
+        if archive is not None:
+            try:
+                payload = _read_entry(archive, payload, limits.max_file_bytes)
+            except _Skip as exc:
+                skipped.append((name, str(exc)))
+                continue
+        out.append((name, label, payload))
+    for archive in archives:
+        archive.close()
+    return out, skipped

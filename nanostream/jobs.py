@@ -416,7 +416,8 @@ def _check_online() -> None:
 def _search(store: Store, job: Job, report: _Reporter) -> dict:
     """The CLI's `images search` (cli_project: its provider and its way of storing hits), as a job:
     category by category, each one's images stored as soon as they are downloaded."""
-    from .cli_project import PROVIDER_ENV, _store_hits, load_provider
+    from .cli_project import PROVIDER_ENV, load_provider
+    from .ingest import add_search_hits
     from .download import fetch_images
     from .search import QueryCache, SearchPacing, search_category
 
@@ -444,7 +445,7 @@ def _search(store: Store, job: Job, report: _Reporter) -> dict:
         stage = f"downloading '{name}'"
         fetched = fetch_images([hit.url for hit in found.hits], should_stop=report.should_stop,
                                on_progress=lambda d, t, stage=stage: report.progress(stage, d, t))
-        stored = _store_hits(store, project, name, found.hits, fetched)
+        stored = add_search_hits(store, project, name, found.hits, fetched)
         summary[name] = {"found": len(found.hits), "added": len(stored["added"]),
                          "duplicates": len(stored["duplicates"]),
                          "failed": sum(f["reason"] != "cancelled" for f in stored["failed"]),

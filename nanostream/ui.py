@@ -4,7 +4,6 @@ upload handling and the augmentation preview. Nothing here imports torch at modu
 from __future__ import annotations
 
 import io
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +11,8 @@ from pathlib import Path
 import streamlit as st
 
 from . import paths
-from .images import decode_image, is_image_name
-from .ingest import IngestLimits, IngestReport, add_upload, layout_categories, safe_parts
+from .images import decode_image
+from .ingest import IngestReport, add_upload, layout_categories, safe_parts
 from .store import Store
 
 NOT_SURE = 0.6            # default threshold: below it the top class is shown as "not sure"
@@ -342,50 +341,6 @@ class Evaluation:
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
-
-
-def labelled_files(files: Sequence[tuple[str, bytes]],
-                   limits: IngestLimits = IngestLimits()) -> tuple[list[tuple[str, str, bytes]], list[tuple[str, str]]]:
-    """(name, label, bytes) for each image of uploaded zips or a folder upload, the label being its
-    folder ('test/cats/a.jpg' -> cats), and (name, reason) for what cannot be used."""
-    from .ingest import _is_hidden, _read_entry, _Skip
-
-    entries: list[tuple[str, tuple[str, ...], bytes | zipfile.ZipInfo, zipfile.ZipFile | None]] = []
-    skipped: list[tuple[str, str]] = []
-    archives = []
-    for name, data in files:
-        if name.lower().endswith(".zip"):
-            try:
-                archive = zipfile.ZipFile(io.BytesIO(data))
-            except zipfile.BadZipFile as exc:
-                skipped.append((name, f"not a readable zip archive: {exc}"))
-                continue
-            archives.append(archive)
-            infos = [i for i in archive.infolist() if not i.is_dir()][: limits.max_archive_files]
-            for info in infos:
-                parts = safe_parts(info.filename)
-                if parts and not _is_hidden(parts) and is_image_name(parts[-1]):
-                    entries.append((f"{name}/{info.filename}", parts, info, archive))
-        elif is_image_name(name):
-            entries.append((name, safe_parts(name) or (name,), data, None))
-        else:
-            skipped.append((name, "not an image or a .zip"))
-    labels = layout_categories([parts for _, parts, _, _ in entries])
-    out = []
-    for (name, _, payload, archive), label in zip(entries, labels):
-        if label is None:
-            skipped.append((name, "not in a folder named after its category"))
-            continue
-        if archive is not None:
-            try:
-                payload = _read_entry(archive, payload, limits.max_file_bytes)
-            except _Skip as exc:
-                skipped.append((name, str(exc)))
-                continue
-        out.append((name, label, payload))
-    for archive in archives:
-        archive.close()
-    return out, skipped
 
 
 def evaluate(classifier, items: Sequence[tuple[str, str, bytes]], batch: int = 32) -> Evaluation:

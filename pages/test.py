@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from nanostream import ui
+from nanostream import ingest, ui
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 MAX_URLS = 20  # fetched while the page waits: a handful, not a batch job
@@ -60,7 +60,7 @@ with measure_tab:
     folder = st.file_uploader("…or a labelled folder", type=IMAGE_TYPES, accept_multiple_files="directory",
                               key="test_folder")
     if archives or folder:
-        items, skipped = ui.labelled_files([(f.name, f.getvalue()) for f in [*archives, *folder]])
+        items, skipped = ingest.labelled_uploads([(f.name, f.getvalue()) for f in [*archives, *folder]])
         with st.spinner(f"Classifying {len(items)} photo(s)…"):
             evaluation = ui.evaluate(classifier, items)
         if evaluation.n:
