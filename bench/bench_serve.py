@@ -1,24 +1,28 @@
 """The HTTP API with micro-batching on and off: images per second and latency, one run.
 
 Trains a small model on a slice of hymenoptera (in a temporary NANOSTREAM_HOME), then for each
-mode starts `python -m nanostream serve` on a free local port (--no-batching for the baseline),
-warms both up, and sends a fixed number of single-image requests (real photos from
-hymenoptera/val, multipart, with an API key) at concurrency 1 and 8 from threads with their
-own httpx clients, alternating the two servers for a few rounds. Prints a table of medians and
-the batched/unbatched throughput ratio at concurrency 8, then stops the servers.
+mode starts `python -m nanostream serve` on a free local port (--no-batching for the baseline:
+the same server, each request running its own forward pass), warms both up, and sends a fixed
+number of single-image requests (real photos from hymenoptera/val, multipart, with an API key)
+at concurrency 1 and 8, alternating the two servers for a few rounds. The client is lean (one
+keep-alive http.client connection per thread, request bodies built beforehand) because it runs
+on the same CPU. Prints a table of medians, the batched/unbatched throughput ratio at the top
+concurrency, and the server's CPU time per image in each mode, which other load on the
+machine cannot distort the way it distorts throughput; then stops the servers.
 
-    python bench/bench_serve.py                          # 3 rounds of 64 requests per setting
+    python bench/bench_serve.py                          # 5 rounds of 64 requests per setting
     python bench/bench_serve.py --rounds 1 --requests 32 # quicker, noisier
 
 Every request and server start has a timeout and the servers are stopped in `finally`, so the
-run ends by itself. Other load on the machine shows up in the numbers: the load average is
-printed before and after.
+run ends by itself. Other load on the machine shows up in the throughput: the load average is
+printed with every measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import os
 import shutil
 import socket
@@ -28,8 +32,10 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -104,6 +110,14 @@ class Server:
         self.stop()
         raise RuntimeError(f"server did not answer /healthz within {START_TIMEOUT_S} s")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used, all its threads (Linux /proc; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
     def batch_stats(self, model_id: str) -> dict:
         """The server's forward-pass counters for the model (zeros with batching off)."""
         health = httpx.get(f"{self.url}/healthz", timeout=10, trust_env=False).json()
@@ -122,28 +136,47 @@ class Server:
         self.log.close()
 
 
+def multipart_body(name: str, data: bytes) -> tuple[bytes, str]:
+    """One image in the multipart field 'file', as a browser or `curl -F` sends it: (body, content type)."""
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def run_load(url: str, headers: dict, photos: list[tuple[str, bytes]], requests: int,
              concurrency: int) -> dict:
-    """`requests` single-image predictions from `concurrency` threads; throughput and latency."""
+    """`requests` single-image predictions from `concurrency` threads; throughput and latency.
+
+    The client shares the CPU with the server, so it is kept lean: one keep-alive http.client
+    connection per thread and request bodies built beforehand (~0.4 ms of CPU per request,
+    where an httpx client costs ~3 ms). It costs the same in both modes either way.
+    """
+    parsed = urlsplit(url)
+    bodies = [multipart_body(name, data) for name, data in photos]
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(requests))
 
     def worker() -> None:
-        with httpx.Client(timeout=REQUEST_TIMEOUT_S, headers=headers, trust_env=False) as client:
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=REQUEST_TIMEOUT_S)
+        try:
             while True:
                 with lock:
                     i = next(counter, None)
                 if i is None:
                     return
-                name, data = photos[i % len(photos)]
+                body, content_type = bodies[i % len(bodies)]
                 t0 = time.perf_counter()
                 try:
-                    response = client.post(url, files=[("file", (name, data, "image/jpeg"))])
-                    ok = response.status_code == 200
-                    problem = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
-                except httpx.HTTPError as exc:
+                    connection.request("POST", parsed.path, body=body,
+                                       headers={**headers, "Content-Type": content_type})
+                    response = connection.getresponse()
+                    text = response.read()
+                    problem = None if response.status == 200 else f"HTTP {response.status}: {text[:200]!r}"
+                except (OSError, http.client.HTTPException) as exc:
+                    connection.close()  # reconnects on the next request
                     problem = f"{type(exc).__name__}: {exc}"
                 elapsed = time.perf_counter() - t0
                 with lock:
@@ -151,27 +184,36 @@ def run_load(url: str, headers: dict, photos: list[tuple[str, bytes]], requests:
                         errors.append(problem)
                     else:
                         latencies.append(elapsed)
+        finally:
+            connection.close()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
     wall = time.perf_counter() - started
+    client_cpu = time.process_time() - cpu_started
     latencies.sort()
 
     def percentile(q: float) -> float:
         return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] if latencies else float("nan")
 
     return {"images_per_s": len(latencies) / wall, "p50_ms": 1000 * percentile(0.50),
-            "p99_ms": 1000 * percentile(0.99), "ok": len(latencies), "errors": errors, "wall_s": wall}
+            "p99_ms": 1000 * percentile(0.99), "ok": len(latencies), "errors": errors, "wall_s": wall,
+            "client_cpu_ms": 1000 * client_cpu / max(1, requests)}
 
 
 def measure(server: Server, model_id: str, headers: dict, photos, requests: int, concurrency: int) -> dict:
     before = server.batch_stats(model_id)
+    cpu_before = server.cpu_seconds()
     r = run_load(f"{server.url}/v1/models/{model_id}/predict", headers, photos, requests, concurrency)
+    cpu_after = server.cpu_seconds()
     after = server.batch_stats(model_id)
     passes = after["batches"] - before["batches"]
     r["per_pass"] = (after["images"] - before["images"]) / passes if passes else 1.0
+    # The server's CPU time per image: what an image costs, whatever else the machine runs
+    r["server_cpu_ms"] = (1000 * (cpu_after - cpu_before) / max(1, r["ok"])
+                          if cpu_before is not None and cpu_after is not None else float("nan"))
     return r
 
 
@@ -179,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=64, help="measured requests per setting and round")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two modes (medians reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the two modes (medians reported)")
     parser.add_argument("--per-class", type=int, default=10, help="training photos per class")
     args = parser.parse_args()
 
@@ -214,8 +256,9 @@ def main() -> None:
                         results[mode, concurrency].append(r)
                         print(f"  round {round_} {mode:<9} c={concurrency}: {r['images_per_s']:6.1f} img/s  "
                               f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                              f"{r['per_pass']:4.1f} img/forward pass  ({r['ok']} ok, {len(r['errors'])} errors, "
-                              f"device {server.health.get('device')})", flush=True)
+                              f"{r['per_pass']:4.1f} img/forward pass  server CPU {r['server_cpu_ms']:5.1f} ms/img  "
+                              f"client CPU {r['client_cpu_ms']:4.1f} ms/req  ({r['ok']} ok, {len(r['errors'])} errors, "
+                              f"load average {os.getloadavg()[0]:.1f})", flush=True)
                         for problem in r["errors"][:3]:
                             print(f"    error: {problem}")
 
@@ -224,16 +267,21 @@ def main() -> None:
 
         print(f"\n{args.requests} single-image requests per setting and round, {args.rounds} rounds (medians), "
               f"model {model_id} (efficientnet_lite0), load average now {os.getloadavg()[0]:.1f}")
-        print(f"{'mode':<10} {'conc':>4} {'img/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'img/pass':>9} {'errors':>7}")
+        print(f"{'mode':<10} {'conc':>4} {'img/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'img/pass':>9} "
+              f"{'srv CPU ms/img':>15} {'errors':>7}")
         for (mode, concurrency), runs in results.items():
             print(f"{mode:<10} {concurrency:>4} {median(runs, 'images_per_s'):8.1f} {median(runs, 'p50_ms'):9.1f} "
-                  f"{median(runs, 'p99_ms'):9.1f} {median(runs, 'per_pass'):9.1f} "
+                  f"{median(runs, 'p99_ms'):9.1f} {median(runs, 'per_pass'):9.1f} {median(runs, 'server_cpu_ms'):15.1f} "
                   f"{sum(len(r['errors']) for r in runs):>7}")
         top = max(args.concurrency)
-        pairs = zip(results["batched", top], results["unbatched", top])
+        pairs = list(zip(results["batched", top], results["unbatched", top]))
         ratios = [b["images_per_s"] / u["images_per_s"] for b, u in pairs]
         print(f"\nthroughput batched / unbatched at concurrency {top}: {statistics.median(ratios):.2f}x median "
               f"(rounds: {', '.join(f'{r:.2f}x' for r in ratios)}; target >= 2x)")
+        cpu_ratios = [u["server_cpu_ms"] / b["server_cpu_ms"] for b, u in pairs]
+        print(f"server CPU per image unbatched / batched at concurrency {top}: {statistics.median(cpu_ratios):.2f}x "
+              f"median (rounds: {', '.join(f'{r:.2f}x' for r in cpu_ratios)}): the throughput ratio where both "
+              f"servers keep the CPU busy and nothing else runs")
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

@@ -15,7 +15,7 @@ import os
 import threading
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ UPLOAD_FIELD = "file"
 @dataclass(frozen=True)
 class ServeConfig:
     batching: bool = True                # off: each request runs its own forward pass (bench baseline)
-    batch: BatchConfig = field(default_factory=BatchConfig)
+    batch: BatchConfig | None = None     # None: cpu_batch_config() on the CPU, BatchConfig() elsewhere
     max_images: int = 32                 # per request: a page of photos; bulk jobs belong to the CLI
     max_file_bytes: int = 10_000_000     # a 24 MP JPEG is ~10 MB; bigger files are scans or abuse
     max_request_bytes: int = 50_000_000  # bounds memory per request (32 files at the per-file cap would be 320 MB)
@@ -118,9 +118,23 @@ def model_info(meta: dict, published: bool) -> dict:
 
 # ---------------------------------------------------------------- models and their batchers
 
+def cpu_batch_config(cpus: int | None = None) -> BatchConfig:
+    """Batching on the CPU: two workers sharing the cores, each on cpus // 2 intra-op threads.
+
+    On 2 cores (efficientnet_lite0, bf16) one intra-op thread per pass costs ~9.5 ms of CPU per
+    image at batch 4 to 8 and two cost ~15 (see batching.py), and a single worker would leave a
+    core to the decoding threads alone (~25% idle at concurrency 8). The second worker starts a
+    pass only while three images wait, so that passes do not shrink to one or two images.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    workers = min(2, cpus)
+    return BatchConfig(max_batch=8, max_wait_ms=0.0, workers=workers, spill=3, threads=max(1, cpus // workers))
+
+
 @dataclass
 class LoadedModel:
-    classifier: object          # predict.Classifier
+    source: object              # predict.Classifier as load_classifier returns it (cached while the file is unchanged)
+    classifier: object          # the one that runs: source.traced() on the CPU, in both modes
     batcher: MicroBatcher | None
 
     async def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,21 +197,28 @@ class Service:
         return sorted(metas, key=lambda m: m.get("created_at", ""), reverse=True)
 
     def load(self, path: Path) -> LoadedModel:
-        """The classifier for a bundle and its batcher (one worker per model); blocking."""
+        """The classifier for a bundle and its batcher (one per model); blocking."""
         from .predict import load_classifier
 
+        key = str(path)
         with self._load_lock:
-            classifier = load_classifier(path)  # cached while the file is unchanged
+            source = load_classifier(path)  # cached while the file is unchanged
+            with self._lock:
+                entry = self._loaded.get(key)
+            if entry is not None and entry.source is source:
+                classifier = entry.classifier
+            else:  # new, or the file changed: trace it (~1 s, once), batching on or off
+                classifier = source.traced() if source.device.type == "cpu" else source
         evicted = []
         with self._lock:
-            key = str(path)
             entry = self._loaded.get(key)
-            if entry is None or entry.classifier is not classifier:  # new, or the file changed
+            if entry is None or entry.source is not source:
                 if entry is not None:
                     evicted.append(entry)
-                batcher = (MicroBatcher(classifier.probabilities, self.config.batch,
-                                        name=f"batch-{classifier.model_id}") if self.config.batching else None)
-                entry = self._loaded[key] = LoadedModel(classifier, batcher)
+                batch = self.config.batch or (cpu_batch_config() if source.device.type == "cpu" else BatchConfig())
+                batcher = (MicroBatcher(classifier.probabilities, batch, name=f"batch-{source.model_id}")
+                           if self.config.batching else None)
+                entry = self._loaded[key] = LoadedModel(source, classifier, batcher)
             self._loaded.move_to_end(key)
             while len(self._loaded) > self.config.max_loaded_models:
                 evicted.append(self._loaded.popitem(last=False)[1])
@@ -319,6 +340,21 @@ def prepare_all(classifier, items: list[tuple[str, bytes]], slots: threading.Sem
     return torch.stack(tensors)
 
 
+def load_and_prepare(service: Service, model_id: str, path: Path,
+                     items: list[tuple[str, bytes]]) -> tuple[LoadedModel, torch.Tensor]:
+    """The model and the request's input batch: one trip to the thread pool for both."""
+    try:
+        loaded = service.load(path)
+    except (BundleError, BackboneUnavailable) as exc:  # the server's problem, not the request's
+        raise ApiError(503, f"model '{model_id}' cannot be loaded here: {exc}") from None
+    if loaded.batcher is not None and loaded.batcher.config.threads and torch.get_num_threads() != 1:
+        # With batching the pool threads only decode, and the small torch ops of the last step
+        # (to_tensor) cost ~1.4 ms of CPU per image on two intra-op threads, ~0.2 ms on one.
+        # Without batching this thread also runs the forward pass: torch's default stays.
+        torch.set_num_threads(1)
+    return loaded, prepare_all(loaded.classifier, items, service.decode_slots)
+
+
 def to_predictions(labels: list[str], probs: torch.Tensor) -> list[dict]:
     """The same label, confidence and probs as Classifier.predict_bytes gives the CLI."""
     out = []
@@ -429,14 +465,12 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.post("/v1/models/{model_id}/predict", response_model=PredictResponse, responses=_PREDICT_ERRORS,
               openapi_extra=_PREDICT_BODY,
               summary="classify images: multipart files (field 'file', repeatable) or JSON {\"urls\": [...]}")
-    async def predict(model_id: str, request: Request, key: ApiKey | None = Depends(caller)):
-        path = await run_in_threadpool(authorized_bundle, model_id, key)
+    async def predict(model_id: str, request: Request,
+                      credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        # the key check (a file read) and the model lookup in one trip to the thread pool
+        path = await run_in_threadpool(lambda: authorized_bundle(model_id, caller(request, credentials)))
         items = await read_images(request, config)
-        try:
-            loaded = await run_in_threadpool(service.load, path)
-        except (BundleError, BackboneUnavailable) as exc:  # the server's problem, not the request's
-            raise ApiError(503, f"model '{model_id}' cannot be loaded here: {exc}") from None
-        x = await run_in_threadpool(prepare_all, loaded.classifier, items, service.decode_slots)
+        loaded, x = await run_in_threadpool(load_and_prepare, service, model_id, path, items)
         probs = await loaded.probabilities(x)
         return {"predictions": to_predictions(loaded.classifier.labels, probs)}
 

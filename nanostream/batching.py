@@ -1,22 +1,30 @@
 """Micro-batching: concurrent requests for one model share forward passes.
 
 Request handlers decode and prepare their images themselves (in the server's thread pool)
-and submit the ready tensor here. One worker thread per model takes the first waiting
-request, collects more for a few milliseconds or until a batch is full, runs one forward
-pass over all of them and resolves each request's future with its own rows.
+and submit the ready tensor here. Worker threads take what waits, up to max_batch images,
+run one forward pass over it and resolve each request's future with its own rows.
 
-On a GPU a pass over a few images of a small CNN costs about as much as a pass over one,
-so sharing passes multiplies throughput. On a CPU the cost per image hardly changes with
-the batch size (efficientnet_lite0, bf16: ~19 ms of one core per image at batch 1 and at
-batch 8), so there the gain can only come from running one forward pass at a time instead
-of many competing ones; bench/bench_serve.py measures both modes.
+A worker never waits for company when it is free (unless max_wait_ms says so): it takes
+whatever queued up while the last pass ran. Under load the queue fills during each pass, so
+batches grow with the load by themselves, and a lone request pays nothing for the chance.
+
+On a GPU a pass over a few images of a small CNN costs about as much as a pass over one. On
+the CPU the cost grows with the batch: efficientnet_lite0 (traced, bf16, one intra-op thread,
+2-core AVX512-BF16 machine) takes ~13.5 ms of CPU for one image and ~9.5 ms per image from 4
+to 8, i.e. ~4 ms per pass (casting the weights to bf16, reordering them for oneDNN) plus ~9.3
+per image; past 12 images the activations outgrow the caches and it gets dearer again. Two
+intra-op threads cost more CPU than one (~26 ms for one image, ~15 per image at batch 4: they
+wait for each other at every layer). So on the CPU (api.cpu_batch_config) each worker runs one
+intra-op thread, two workers share the cores, and the second starts a pass only while `spill`
+images wait, so that it does not split the waiting requests into passes of one.
+bench/bench_serve.py measures the server with batching on and off.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,8 +34,11 @@ import torch
 
 @dataclass(frozen=True)
 class BatchConfig:
-    max_batch: int = 16        # images per forward pass: predict.BATCH_SIZE, the chunk probabilities() runs
-    max_wait_ms: float = 5.0   # what a lone request pays for the chance of company; a CPU pass is ~20 ms
+    max_batch: int = 16         # images per forward pass (predict.BATCH_SIZE; the CPU config takes 8)
+    max_wait_ms: float = 0.0    # a free worker's wait for company once the queue is empty (0: pass at once)
+    workers: int = 1            # worker threads sharing the queue, each running its own passes
+    spill: int = 1              # images that must wait before a worker starts a pass while another runs one
+    threads: int | None = None  # torch intra-op threads of each worker (None: leave torch's setting)
 
 
 @dataclass
@@ -44,9 +55,6 @@ class _Pending:
     future: Future
 
 
-_STOP = object()
-
-
 class BatcherClosed(RuntimeError):
     """submit() after close(): the caller runs the forward pass itself."""
 
@@ -59,59 +67,90 @@ class MicroBatcher:
         self.forward = forward
         self.config = config
         self.stats = BatchStats()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: deque[_Pending] = deque()
+        self._waiting = 0       # images in _pending
+        self._running = 0       # workers inside a forward pass
         self._closed = False
-        self._lock = threading.Lock()
-        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
-        self._worker.start()
+        self._cond = threading.Condition()
+        self._workers = [threading.Thread(target=self._run, name=f"{name}-{i}" if i else name, daemon=True)
+                         for i in range(max(1, config.workers))]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, x: torch.Tensor) -> Future:
         """Future of forward(x) for this tensor's rows alone."""
         future: Future = Future()
-        with self._lock:
+        with self._cond:
             if self._closed:
                 raise BatcherClosed("batcher is closed")
-            self._queue.put(_Pending(x, future))
+            self._pending.append(_Pending(x, future))
+            self._waiting += len(x)
+            self._cond.notify_all()
         return future
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Finish what was submitted, then stop the worker."""
-        with self._lock:
+        """Finish what was submitted, then stop the workers."""
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
-        self._worker.join(timeout)
+            self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    # -- worker ---------------------------------------------------------------------------------
+    # -- workers --------------------------------------------------------------------------------
 
-    def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
-        """The first request plus whatever arrives within max_wait_ms, up to max_batch images."""
-        batch, count = [first], len(first.x)
-        deadline = time.monotonic() + self.config.max_wait_ms / 1000
-        while count < self.config.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True
+    def _may_start(self) -> bool:
+        if not self._pending:
+            return False
+        if self._closed or self._running == 0:
+            return True
+        return self._waiting >= min(self.config.spill, self.config.max_batch)
+
+    def _take(self, batch: list[_Pending], count: int) -> int:
+        """Moves submissions from the queue's front into batch while they fit in max_batch
+        (the first always does); returns the batch's image count."""
+        while self._pending and (not batch or count + len(self._pending[0].x) <= self.config.max_batch):
+            item = self._pending.popleft()
+            self._waiting -= len(item.x)
             batch.append(item)
             count += len(item.x)
-        return batch, False
+        return count
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """The next batch for this worker; None once closed and drained."""
+        with self._cond:
+            while not self._may_start():
+                if self._closed and not self._pending:
+                    return None
+                self._cond.wait()
+            self._running += 1
+            batch: list[_Pending] = []
+            count = self._take(batch, 0)
+            deadline = time.monotonic() + self.config.max_wait_ms / 1000
+            while count < self.config.max_batch and not self._pending and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+                count = self._take(batch, count)
+            return batch
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            batch, stop = self._collect(item)
-            # a client that went away cancelled its future: leave its images out
-            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
-            if batch:
-                self._forward(batch)
+        if self.config.threads:
+            # this thread's intra-op threads; torch also makes it the default of threads new to torch
+            torch.set_num_threads(self.config.threads)
+        while (batch := self._next_batch()) is not None:
+            try:
+                # a client that went away cancelled its future: leave its images out
+                batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+                if batch:
+                    self._forward(batch)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()  # a worker held back by `spill` may go now
 
     def _forward(self, batch: list[_Pending]) -> None:
         try:
@@ -121,10 +160,11 @@ class MicroBatcher:
                 p.future.set_exception(exc)
             return
         sizes = [len(p.x) for p in batch]
-        stats = self.stats  # counted before the futures resolve, so a caller sees its own batch
-        stats.batches += 1
-        stats.images += sum(sizes)
-        stats.requests += len(batch)
-        stats.largest = max(stats.largest, sum(sizes))
+        with self._cond:  # counted before the futures resolve, so a caller sees its own batch
+            stats = self.stats
+            stats.batches += 1
+            stats.images += sum(sizes)
+            stats.requests += len(batch)
+            stats.largest = max(stats.largest, sum(sizes))
         for p, rows in zip(batch, torch.split(out, sizes)):
             p.future.set_result(rows)

@@ -366,6 +366,66 @@ def test_batcher_errors_reach_every_request_and_cancelled_ones_are_skipped():
     assert calls == [1, 3]
 
 
+
+def test_traced_classifier_gives_the_same_numbers(served):
+    """What the server runs on the CPU: the backbone traced to TorchScript, bit for bit the same."""
+    classifier = load_classifier(served.model.path)
+    traced = classifier.traced()
+    assert traced is not classifier and traced.backbone is not classifier.backbone
+    x = torch.stack([classifier.prepare(p.read_bytes()) for p in served.model.photos])
+    for size in (1, 3, len(x), 2, 1):  # after the first calls TorchScript optimizes its plan: still equal
+        assert torch.equal(traced.probabilities(x[:size]), classifier.probabilities(x[:size]))
+    assert traced.labels == classifier.labels and traced.model_id == classifier.model_id
+
+
+def test_concurrent_requests_with_two_workers(served):
+    """The CPU default: two workers on one queue; every request gets its own rows back."""
+    photos = served.model.photos
+    expected = [p.to_dict() for p in load_classifier(served.model.path).predict_files(photos)]
+    config = ServeConfig(batch=BatchConfig(max_batch=4, workers=2, spill=2, threads=1))
+    with TestClient(create_app(config)) as c:
+        def ask(photo):
+            return c.post(f"/v1/models/{PUBLIC}/predict", files=uploads([photo]))
+
+        with ThreadPoolExecutor(len(photos)) as pool:
+            responses = list(pool.map(ask, photos * 3))
+        stats = c.app.state.service.batchers()[PUBLIC].stats
+    assert all(r.status_code == 200 for r in responses)
+    got = [r.json()["predictions"][0] for r in responses]
+    assert_same_predictions(got, expected * 3, tol=1e-4)
+    assert stats.requests == 3 * len(photos) and stats.largest <= 4
+
+
+def test_a_second_worker_waits_for_spill_images_while_one_runs():
+    calls, started, release = [], threading.Event(), threading.Event()
+    batcher = MicroBatcher(_blocking_forward(calls, started, release),
+                           BatchConfig(max_batch=8, workers=2, spill=3))
+    first = batcher.submit(torch.ones(1, 2))
+    assert started.wait(10)  # one worker is busy with the first request
+    waiting = [batcher.submit(torch.ones(1, 2)) for _ in range(2)]
+    time.sleep(0.2)  # the idle worker had time to start a pass, and must not have: 2 < spill
+    assert calls == [1] and not any(f.done() for f in waiting)
+    waiting.append(batcher.submit(torch.ones(1, 2)))  # the third: the idle worker takes all three
+    assert all(torch.equal(f.result(10), torch.full((1, 2), 2.0)) for f in waiting)
+    assert calls == [1, 3] and not first.done()
+    release.set()
+    assert torch.equal(first.result(10), torch.full((1, 2), 2.0))
+    batcher.close()
+    assert batcher.stats.batches == 2 and batcher.stats.requests == 4
+
+
+def test_a_lone_request_goes_at_once_and_close_drains_the_queue():
+    batcher = MicroBatcher(lambda x: x + 1, BatchConfig(max_batch=4, workers=2, spill=2))
+    assert torch.equal(batcher.submit(torch.zeros(2, 2)).result(10), torch.ones(2, 2))
+    futures = [batcher.submit(torch.full((k, 2), float(k))) for k in (3, 1, 2, 5)]  # 5 > max_batch: alone
+    batcher.close()
+    for k, future in zip((3, 1, 2, 5), futures):
+        assert torch.equal(future.result(0), torch.full((k, 2), k + 1.0))
+    assert batcher.stats.largest == 5 and batcher.stats.images == 13
+    with pytest.raises(BatcherClosed):
+        batcher.submit(torch.ones(1, 2))
+
+
 # ---------------------------------------------------------------- the real server
 
 def _free_port() -> int:
