@@ -16,6 +16,7 @@ baseline, in its favour). Each run starts cold: empty feature cache, backbones n
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import random
@@ -225,7 +226,8 @@ def main() -> None:
         base_acc, base_seconds = baseline_finetune(data, result.backbone)
         extra = max(1, round(args.per_class * 0.1))
         grown = grow(data, root, name, extra)
-        rebuilt, rebuild_seconds = nanostream_build(grown, config, cold=False)
+        # a rebuild keeps the previous build's backbone unless another is clearly better, as the app does
+        rebuilt, rebuild_seconds = nanostream_build(grown, replace(config, prefer=result.backbone), cold=False)
         figures[name] = {
             "backbone": result.backbone, "nanostream_accuracy": result.metrics["accuracy"],
             "nanostream_seconds": seconds, "baseline_accuracy": base_acc, "baseline_seconds": base_seconds,

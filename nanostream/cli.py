@@ -93,8 +93,14 @@ def cmd_train(args) -> None:
 
     _check_writable(args.out)
     dataset, project = load_data(args.data)
+    prefer = None
+    if project and args.backbone == "auto":
+        from .jobs import previous_backbone
+        from .store import Store
+
+        prefer = previous_backbone(Store(), project)
     config = TrainConfig(backbone=args.backbone, augment=args.augment, fill=args.fill, views=args.views,
-                         mode=args.mode, seed=args.seed)
+                         mode=args.mode, seed=args.seed, prefer=prefer)
     config.policy()  # an unknown policy or fill fails here, before any work
     result = train(dataset, config, on_progress=StageBars(not args.quiet))
     model_id, path = save_trained(result, args.out, project)

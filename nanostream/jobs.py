@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import paths
@@ -327,6 +327,18 @@ def _user_message(exc: Exception, job: Job) -> str:
 
 # -- build
 
+def previous_backbone(store: Store, project: str) -> str | None:
+    """The backbone of the project's latest build, so a rebuild keeps it unless another is clearly better."""
+    from .bundle import BundleError, read_bundle
+
+    for record in store.list_models(project):  # newest first
+        try:
+            return read_bundle(record.bundle_path, with_tensors=False)[0]["backbone"]
+        except BundleError:
+            continue
+    return None
+
+
 def _build(store: Store, job: Job, report: _Reporter) -> dict:
     from .data import Dataset, LabeledImage
     from .device import default_device
@@ -334,6 +346,8 @@ def _build(store: Store, job: Job, report: _Reporter) -> dict:
     from .train import TrainConfig, train
 
     config = TrainConfig(**job.params["config"])
+    if config.backbone == "auto" and config.prefer is None:
+        config = replace(config, prefer=previous_backbone(store, job.project))
     records = store.list_images(job.project)
     counts = store.counts(job.project)
     classes = tuple(name for name, n in counts.items() if n)

@@ -40,6 +40,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.2     # held out when no val/ is given; the final head then refits on all
     finetune_epochs: int = 10     # the tutorial recipe's count; few images make epochs cheap
+    prefer: str | None = None     # the previous build's backbone: kept unless another's cross-validated
+                                  # accuracy is more than one image better (CV on tens of images moves
+                                  # by about that between rebuilds, and a switch recomputes every view)
 
     def policy(self) -> AugmentPolicy:
         policy = get_policy(self.augment)
@@ -136,7 +139,12 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     if not usable:
         raise backbones.BackboneUnavailable("; ".join(c.error for c in candidates))
     # Best cross-validated accuracy wins; equal scores go to the cheaper backbone.
-    winner = max(usable, key=lambda c: ((c.cv_accuracy or 0.0), -c.gflops)).backbone
+    best = max(usable, key=lambda c: ((c.cv_accuracy or 0.0), -c.gflops))
+    kept = next((c for c in usable if c.backbone == config.prefer), None)
+    one_image = 1 / len(train_items)
+    if kept and (best.cv_accuracy or 0.0) - (kept.cv_accuracy or 0.0) <= one_image + 1e-9:
+        best = kept
+    winner = best.backbone
 
     # 3. the winner's augmented views, the head, and its validation score
     train_feats = features_of(train_items, winner, policy.views, stage="augmenting")

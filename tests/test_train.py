@@ -118,3 +118,14 @@ def test_near_duplicates_never_straddle_the_split(datasets, tmp_path):
         train, val = stratified_split(items, 0.25, seed, groups)
         assert not {groups[str(i.path)] for i in train} & {groups[str(i.path)] for i in val}
         assert {i.label for i in val} == {"ants", "bees"}
+
+
+def test_a_rebuild_keeps_the_previous_backbone_unless_another_is_clearly_better(tiny_hymenoptera):
+    data = scan_folder(tiny_hymenoptera)
+    first = train(data, TrainConfig(augment="none"))
+    scores = {c.backbone: c.cv_accuracy for c in first.candidates}
+    one_image = 1 / first.n_train
+    for name, score in scores.items():
+        again = train(data, TrainConfig(augment="none", prefer=name))
+        clearly_better = max(scores.values()) - score > one_image + 1e-9
+        assert (again.backbone == name) != clearly_better, (name, scores)
