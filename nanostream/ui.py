@@ -76,6 +76,16 @@ def load_model(bundle_path: str):
     return load_classifier(bundle_path)
 
 
+
+def require_models(store: Store, project: str) -> list:
+    """The project's model versions, newest first; with none, a pointer to Build and the page stops."""
+    models = store.list_models(project)
+    if not models:
+        st.info("No model yet: build one first.")
+        st.page_link("pages/build.py", label="Go to Build", icon=":material/model_training:")
+        st.stop()
+    return models
+
 def stage_label(stage: str) -> str:
     """'features efficientnet_lite0' -> 'Reading the images with efficientnet_lite0'."""
     for prefix, text in STAGES.items():

@@ -11,11 +11,7 @@ ui.run_through_app()
 store = ui.open_store()
 project = ui.require_project()
 st.header("Test")
-models = store.list_models(project)
-if not models:
-    st.info("No model yet: build one first.")
-    st.page_link("pages/build.py", label="Go to Build", icon=":material/model_training:")
-    st.stop()
+models = ui.require_models(store, project)
 
 by_id = {m.model_id: m for m in models}
 left, right = st.columns([2, 1])
