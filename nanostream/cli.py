@@ -43,6 +43,22 @@ class StageBars:
         return lambda done, total: self(stage, done, total)
 
 
+def subcommands(parser: argparse.ArgumentParser, dest: str):
+    """`child(name, func, help)` adding subcommands under parser (`keys create`, `experiment transfer`).
+
+    Their --json defaults to SUPPRESS, so `keys --json create` and `keys create --json` both work.
+    """
+    subs = parser.add_subparsers(dest=dest, required=True)
+
+    def child(name, func, help_text):
+        q = subs.add_parser(name, help=help_text, description=help_text)
+        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="last stdout line is one JSON document")
+        q.set_defaults(func=func)
+        return q
+    return child
+
+
 def _emit(args, text: str, payload) -> None:
     if text:
         print(text)

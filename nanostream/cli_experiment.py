@@ -6,10 +6,9 @@ Each prints a table, writes a PNG chart (--chart, default <--out-dir>/<experimen
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from .cli import StageBars, _check_writable, _emit
+from .cli import StageBars, _check_writable, _emit, subcommands
 
 
 def _config(args):
@@ -76,13 +75,10 @@ def cmd_learning_curve(args) -> None:
 
 def register(sub, command) -> None:
     p = command("experiment", None, "experiments on DATA: augmentation, transfer, learning-curve")
-    kinds = p.add_subparsers(dest="experiment", required=True)
+    kind = subcommands(p, "experiment")
 
     def experiment(name, func, help_text):
-        q = kinds.add_parser(name, help=help_text, description=help_text)
-        # SUPPRESS: `experiment --json augmentation` and `experiment augmentation --json` both work
-        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                       help="last stdout line is one JSON document")
+        q = kind(name, func, help_text)
         q.add_argument("data", help="DATA/<class>/* or DATA/train/<class>/* + DATA/val/<class>/*")
         q.add_argument("--seeds", type=int, help="repeats with different training images (default 5)")
         q.add_argument("--per-class", type=int, help="cap on training images per class")
@@ -93,7 +89,6 @@ def register(sub, command) -> None:
         q.add_argument("--out-dir", default=".", help="where the chart goes (default: current folder)")
         q.add_argument("--chart", help=f"chart file (default: <out-dir>/{name}.png)")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
-        q.set_defaults(func=func)
         return q
 
     q = experiment("augmentation", cmd_augmentation,

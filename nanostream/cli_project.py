@@ -9,7 +9,6 @@ the real one is paced by SearchPacing's defaults.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import os
@@ -17,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import StageBars, UserError, _emit
+from .cli import StageBars, UserError, _emit, subcommands
 
 PROVIDER_ENV = "NANOSTREAM_SEARCH_PROVIDER"
 DEFAULT_PER_CATEGORY = 30  # enough for a first model (a few-shot head needs ~10); the user can search again
@@ -303,16 +302,7 @@ def cmd_export_dataset(args) -> None:
 
 def register(sub, command) -> None:
     def group(name, help_text):
-        p = command(name, None, help_text)
-        subs = p.add_subparsers(dest=f"{name}_command", required=True)
-
-        def child(child_name, func, child_help):
-            q = subs.add_parser(child_name, help=child_help, description=child_help)
-            q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                           help="last stdout line is one JSON document")
-            q.set_defaults(func=func)
-            return q
-        return child
+        return subcommands(command(name, None, help_text), f"{name}_command")
 
     project = group("project", "projects: create, list, delete, rename, categories")
     p = project("create", cmd_project_create, "create a project")

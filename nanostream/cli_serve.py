@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import socket
 
-from .cli import UserError, _emit
+from .cli import UserError, _emit, subcommands
 
 
 def cmd_serve(args) -> None:
@@ -110,44 +109,25 @@ def cmd_unpublish(args) -> None:
 
 
 def register(sub, command) -> None:
-    def add(name, func, help_text):
-        if name in sub.choices:  # another command group registered it first: theirs stands
-            return None
-        return command(name, func, help_text)
+    p = command("serve", cmd_serve, "serve the HTTP API (docs at /docs)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-batching", action="store_true",
+                   help="one forward pass per request (the benchmark's baseline)")
 
-    p = add("serve", cmd_serve, "serve the HTTP API (docs at /docs)")
-    if p:
-        p.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only)")
-        p.add_argument("--port", type=int, default=8000)
-        p.add_argument("--no-batching", action="store_true",
-                       help="one forward pass per request (the benchmark's baseline)")
+    key_command = subcommands(command("keys", None, "API keys: create, list, revoke"), "keys_command")
+    key_command("create", cmd_keys_create, "create a key; it is printed once, alone on the last line") \
+        .add_argument("--name", help="a label to list and revoke it by (default key-N)")
+    key_command("list", cmd_keys_list, "keys with their names and dates (never the keys)")
+    key_command("revoke", cmd_keys_revoke, "revoke a key by name").add_argument("name")
 
-    p = add("keys", None, "API keys: create, list, revoke")
-    if p:
-        keys = p.add_subparsers(dest="keys_command", required=True)
+    p = command("export", cmd_export, "export a model as ONNX or TorchScript, with a .labels.json beside it")
+    p.add_argument("model", help="bundle path or model_id")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="output file; labels go to the same name with .labels.json")
 
-        def key_command(name, func, help_text):
-            q = keys.add_parser(name, help=help_text, description=help_text)
-            q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                           help="last stdout line is one JSON document")
-            q.set_defaults(func=func)
-            return q
-
-        key_command("create", cmd_keys_create, "create a key; it is printed once, alone on the last line") \
-            .add_argument("--name", help="a label to list and revoke it by (default key-N)")
-        key_command("list", cmd_keys_list, "keys with their names and dates (never the keys)")
-        key_command("revoke", cmd_keys_revoke, "revoke a key by name").add_argument("name")
-
-    p = add("export", cmd_export, "export a model as ONNX or TorchScript, with a .labels.json beside it")
-    if p:
-        p.add_argument("model", help="bundle path or model_id")
-        p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
-        p.add_argument("--out", required=True, help="output file; labels go to the same name with .labels.json")
-
-    p = add("publish", cmd_publish, "open a model to anyone (no API key); prints its demo path last")
-    if p:
-        p.add_argument("model", help="model_id or bundle path")
-    p = add("unpublish", cmd_unpublish, "require an API key for a model again")
-    if p:
-        p.add_argument("model", help="model_id or bundle path")
+    p = command("publish", cmd_publish, "open a model to anyone (no API key); prints its demo path last")
+    p.add_argument("model", help="model_id or bundle path")
+    p = command("unpublish", cmd_unpublish, "require an API key for a model again")
+    p.add_argument("model", help="model_id or bundle path")
