@@ -103,13 +103,17 @@ class Backbone(nn.Module):
         self.body = network
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.body_dtype = torch.float32  # for_inference may cast the body (not mean/std) to bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1] -> features (N, feature_dim)."""
-        return self.body((x - self.mean) / self.std)
+        """Images (N, 3, H, W) in [0, 1] -> features (N, feature_dim), in the weights' dtype."""
+        # (x - mean) / std in one pass, then the body's dtype, then channels_last: in this order
+        # it is 2 ms for 8 images on a CPU core, 9 ms with channels_last first (slow broadcasting)
+        x = torch.addcmul(-self.mean / self.std, x, 1 / self.std).to(self.body_dtype)
+        return self.body(x.contiguous(memory_format=torch.channels_last))
 
     def classify_imagenet(self, x: torch.Tensor) -> torch.Tensor:
-        return self.imagenet_head(self(x))
+        return self.imagenet_head(self(x).float())
 
 
 def _parent_and_attr(module: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -165,8 +169,9 @@ def rename_lite_keys(state: dict[str, torch.Tensor], network: nn.Module) -> dict
 def _build_lite(spec: BackboneSpec) -> nn.Module:
     import timm
 
-    network = timm.create_model(f"tf_{spec.name}", pretrained=False)
-    network.load_state_dict(rename_lite_keys(_lite_state_dict(spec), network), strict=True)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        network = timm.create_model(f"tf_{spec.name}", pretrained=False)
+    network.load_state_dict(rename_lite_keys(_lite_state_dict(spec), network), strict=True, assign=True)
     return network
 
 
@@ -257,13 +262,6 @@ def load_backbone(name: str, download: bool = True) -> Backbone:
     return backbone.to(memory_format=torch.channels_last)
 
 
-@functools.lru_cache(maxsize=4)
-def backbone_on(name: str, device: str) -> Backbone:
-    """The cached backbone on a device (a copy for CUDA, so the CPU one stays as loaded)."""
-    backbone = load_backbone(name)
-    return backbone if device == "cpu" else copy.deepcopy(backbone).to(device)
-
-
 @functools.lru_cache(maxsize=8)
 def weights_fingerprint(name: str) -> str:
     """Short hash of a backbone's weights, saved in each model so a mismatch is caught at load."""
@@ -275,10 +273,23 @@ def weights_fingerprint(name: str) -> str:
 
 
 def prepare_image(image, spec: BackboneSpec) -> torch.Tensor:
-    """PIL RGB image -> (3, S, S) float in [0, 1]: the weights' own eval resize and centre crop."""
-    from torchvision.transforms import InterpolationMode
+    """PIL RGB image -> (3, S, S) float in [0, 1]: the weights' own eval resize and centre crop.
+
+    torchvision's Resize(resize_size) + CenterCrop(input_size), done as one resampling of just the
+    cropped region (PIL's resize with a box): the same filter at the same sample positions, about
+    40% less work than resizing the whole image and throwing the margins away. Outputs match
+    torchvision's to within rounding (a few levels of 255 on scattered pixels).
+    """
+    from PIL import Image
     from torchvision.transforms import functional as F
 
-    mode = InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else InterpolationMode.BILINEAR
-    image = F.resize(image, spec.resize_size, interpolation=mode)
-    return F.to_tensor(F.center_crop(image, spec.input_size))
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec.resize_size, int(spec.resize_size * long / short)  # torchvision's sizes
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    crop = spec.input_size
+    left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))  # CenterCrop's offsets
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    resample = Image.Resampling.BICUBIC if spec.interpolation == "bicubic" else Image.Resampling.BILINEAR
+    return F.to_tensor(image.resize((crop, crop), resample, box=box))

@@ -70,7 +70,7 @@ def finetune_backbone(name: str, train_items: Sequence[LabeledImage], y: torch.T
                 raise InterruptedError("stopped")
             batch = order[start:start + BATCH_SIZE]
             x = images[batch].to(device).float() / 255
-            x = augment_batch(x, policy, generator).contiguous(memory_format=torch.channels_last)
+            x = augment_batch(x, policy, generator)
             with autocast(device, mode):
                 loss = F.cross_entropy(head(backbone(x).float()), y[batch], weight=class_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -83,8 +83,7 @@ def finetune_backbone(name: str, train_items: Sequence[LabeledImage], y: torch.T
 
     with torch.inference_mode():
         val_images = _load_images(val_items, backbone)
-        probs = torch.cat([torch.softmax(head(backbone((val_images[i:i + BATCH_SIZE].to(device).float() / 255)
-                                                           .contiguous(memory_format=torch.channels_last))), 1)
+        probs = torch.cat([torch.softmax(head(backbone(val_images[i:i + BATCH_SIZE].to(device).float() / 255)), 1)
                            for i in range(0, len(val_images), BATCH_SIZE)]).cpu()
     changed = {k: v.detach().cpu() for k, v in backbone.state_dict().items() if k.startswith(prefixes)}
     return changed, head.cpu().eval(), probs

@@ -12,11 +12,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .backbones import backbone_on, load_backbone, prepare_image, weights_fingerprint
+from .backbones import load_backbone, prepare_image, weights_fingerprint
 from .bundle import BundleError, read_bundle
-from .device import autocast, default_device, precision
+from .device import default_device, precision
 from .head import Head
 from .images import BadImage, decode_image
+from .inference import for_inference, inference_backbone
 from .models import resolve_model
 
 BATCH_SIZE = 16
@@ -61,32 +62,34 @@ class Classifier:
         self.head.load_state_dict(head_tensors)
         self.head = self.head.to(self.device).eval()
         changed = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        self.precision = precision(self.device)
         if changed:  # fine-tuned: the registry's weights with this model's last stages
-            backbone = copy.deepcopy(load_backbone(name))
-            missing, unexpected = backbone.load_state_dict(changed, strict=False)
+            network = copy.deepcopy(load_backbone(name))
+            missing, unexpected = network.load_state_dict(changed, strict=False)
             if unexpected:
                 raise BundleError(f"model has tensors its backbone lacks: {unexpected[:3]}")
-            self.backbone = backbone.to(self.device).eval()
+            self.network = network.eval()
+            self.backbone = for_inference(network, self.device, self.precision)
         else:
-            self.backbone = backbone_on(name, str(self.device))
+            self.network = load_backbone(name)
+            self.backbone = inference_backbone(name, str(self.device), self.precision)
         self.spec = self.backbone.spec
-        self.precision = precision(self.device)
 
     @property
     def model_id(self) -> str:
         return self.meta["model_id"]
 
     def module(self) -> ClassifierModel:
-        return ClassifierModel(self.backbone, self.head)
+        """The whole model in fp32 with the backbone as trained (BatchNorm unfolded), for export."""
+        return ClassifierModel(self.network, self.head)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, S, S) in [0, 1], already resized and cropped -> (N, classes) on the CPU."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), BATCH_SIZE):
-                batch = x[start:start + BATCH_SIZE].to(self.device).contiguous(memory_format=torch.channels_last)
-                with autocast(self.device, self.precision):  # the backbone only: the head stays fp32
-                    features = self.backbone(batch).float()
+                batch = x[start:start + BATCH_SIZE].to(self.device)
+                features = self.backbone(batch).float()  # bf16 backbones: the head stays fp32
                 out.append(torch.softmax(self.head(features), 1).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
@@ -102,9 +105,9 @@ class Classifier:
         """
         size = self.spec.input_size
         example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        example = example.to(self.device).contiguous(memory_format=torch.channels_last)
+        example = example.to(self.device)
         try:
-            with torch.inference_mode(), autocast(self.device, self.precision), warnings.catch_warnings():
+            with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # jit is deprecated (and chatty about tracing), still works
                 backbone = torch.jit.trace(self.backbone, example, check_trace=False)
                 same = torch.equal(backbone(example[:1]), self.backbone(example[:1]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +25,7 @@ from .data import Dataset, LabeledImage, check_trainable, stratified_split
 from .device import default_device, precision
 from .features import FeatureCache, Features, extract_features
 from .head import Head, cross_val_accuracy, fit_head
+from .inference import inference_backbone
 from .metrics import classification_report
 
 StageProgress = Callable[[str, int, int], None]
@@ -107,34 +109,44 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
                                 on_progress=lambda d, t: progress(f"{stage} {name}", d, t),
                                 should_stop=should_stop)
 
-    # 1-2. score every candidate on the training images; the first pass also finds unreadable files
+    # 1-2. score every candidate on the training images; the first pass also finds unreadable files.
+    # A helper thread loads the backbones and cross-validates each candidate while the feature
+    # workers run the next one: done in turn, both would leave cores idle between candidates.
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features = [], {}
     train_items = val_items = None
-    for name in names:
-        t0 = time.perf_counter()
-        try:
-            feats = features_of(pool, name)
-        except backbones.BackboneUnavailable as exc:
-            candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
-            continue
-        if train_items is None:  # first usable backbone: drop unreadable files, then split
-            skipped += feats.failed
-            pool = [pool[i] for i in feats.kept]
-            feats = dataclasses.replace(feats, kept=list(range(len(pool))))
-            check_trainable(labels, pool)
-            if dataset.val:
-                train_items, val_items = pool, list(dataset.val)
-            else:
-                groups = near_duplicate_groups(pool)
-                train_items, val_items = stratified_split(pool, config.val_fraction, config.seed, groups)
-        positions = {str(item.path): i for i, item in enumerate(pool)}
-        pool_features[name] = feats
-        x = feats.original[[positions[str(item.path)] for item in train_items]]
-        y = _targets(train_items, index_of)
-        score = cross_val_accuracy(x, y, len(labels), seed=config.seed) if len(names) > 1 else None
-        candidates.append(Candidate(name, score, time.perf_counter() - t0, backbones.get_spec(name).gflops))
+    with ThreadPoolExecutor(1, thread_name_prefix="train", initializer=torch.set_num_threads, initargs=(1,)) as helper:
+        loading = {name: helper.submit(_load_for_inference, name, device) for name in names}
+        scoring = []
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                loading[name].result()
+                feats = features_of(pool, name)
+            except backbones.BackboneUnavailable as exc:
+                candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
+                continue
+            if train_items is None:  # first usable backbone: drop unreadable files, then split
+                skipped += feats.failed
+                pool = [pool[i] for i in feats.kept]
+                feats = dataclasses.replace(feats, kept=list(range(len(pool))))
+                check_trainable(labels, pool)
+                if dataset.val:
+                    train_items, val_items = pool, list(dataset.val)
+                else:
+                    groups = near_duplicate_groups(pool)
+                    train_items, val_items = stratified_split(pool, config.val_fraction, config.seed, groups)
+            positions = {str(item.path): i for i, item in enumerate(pool)}
+            pool_features[name] = feats
+            x = feats.original[[positions[str(item.path)] for item in train_items]]
+            y = _targets(train_items, index_of)
+            score = (helper.submit(cross_val_accuracy, x, y, len(labels), seed=config.seed)
+                     if len(names) > 1 else None)
+            scoring.append((name, score, time.perf_counter() - t0))
+        candidates += [Candidate(name, score and score.result(), seconds, backbones.get_spec(name).gflops)
+                       for name, score, seconds in scoring]
+        candidates.sort(key=lambda c: names.index(c.backbone))
     usable = [c for c in candidates if c.error is None]
     if not usable:
         raise backbones.BackboneUnavailable("; ".join(c.error for c in candidates))
@@ -186,6 +198,12 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
         metrics=metrics, candidates=candidates, n_train=len(train_items), n_val=len(val_items),
         seconds=time.perf_counter() - started, data_fingerprint=_fingerprint(pool_features[winner], pool),
         precision=precision(device), skipped=skipped, finetune_metrics=finetune_metrics)
+
+
+def _load_for_inference(name: str, device: torch.device) -> None:
+    """Load a backbone into the caches extract_features reads (BackboneUnavailable if it can't)."""
+    inference_backbone(name, str(device), precision(device))
+    backbones.weights_fingerprint(name)
 
 
 def near_duplicate_groups(items: list[LabeledImage]) -> dict[str, str]:

@@ -100,3 +100,21 @@ def test_unreachable_weights_give_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOSTREAM_WEIGHTS_MIRROR", "http://127.0.0.1:9/")  # discard port: refused
     with pytest.raises(BackboneUnavailable, match="could not be downloaded.*offline backbones: efficientnet_lite0"):
         backbones.download_weights(get_spec("resnet50"), timeout=2)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "resnet50"])
+def test_prepare_image_matches_torchvision_resize_and_centre_crop(name, datasets):
+    """prepare_image resamples only the crop box; torchvision resizes the whole photo, then crops."""
+    from torchvision import transforms
+
+    spec = get_spec(name)
+    mode = transforms.InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
+    reference = transforms.Compose([transforms.Resize(spec.resize_size, interpolation=mode),
+                                    transforms.CenterCrop(spec.input_size), transforms.ToTensor()])
+    files = sorted((datasets / "hymenoptera/val/bees").iterdir())[:4] + sorted((datasets / "flowers/tulip").iterdir())[:4]
+    for path in files:  # landscape and portrait photos of several sizes
+        image = load_image(path, draft_size=spec.resize_size)
+        ours, theirs = prepare_image(image, spec), reference(image)
+        assert ours.shape == theirs.shape == (3, spec.input_size, spec.input_size)
+        diff = (ours - theirs).abs()
+        assert diff.mean() < 0.5 / 255 and diff.max() <= 20 / 255, path.name

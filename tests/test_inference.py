@@ -1,0 +1,81 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from nanostream.backbones import Backbone, get_spec, load_backbone, prepare_image
+from nanostream.images import load_image
+from nanostream.inference import ConvClamp, fold_batchnorm, for_inference, fuse_clamps
+
+
+def photos(datasets, spec, n=3):
+    files = [p for folder in ("ants", "bees") for p in sorted((datasets / "hymenoptera/val" / folder).iterdir())[:n]]
+    return torch.stack([prepare_image(load_image(p, draft_size=spec.resize_size), spec) for p in files])
+
+
+def test_rewritten_backbone_gives_the_original_features_on_real_photos(datasets):
+    original = load_backbone("efficientnet_lite0")
+    x = photos(datasets, original.spec)
+    fast = for_inference(original, "cpu", "fp32")
+    modules = list(fast.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in modules), "every BatchNorm folded"
+    assert sum(isinstance(m, ConvClamp) for m in modules) >= 20, "conv + ReLU6 pairs fused"
+    with torch.inference_mode():
+        reference, features = original(x), fast(x)
+    torch.testing.assert_close(features, reference, rtol=1e-3, atol=1e-3)
+    bf16 = for_inference(original, "cpu", "bf16")
+    with torch.inference_mode():
+        rounded = bf16(x).float()
+    assert rounded.dtype == torch.float32 and next(bf16.body.parameters()).dtype == torch.bfloat16
+    assert nn.functional.cosine_similarity(rounded, reference).min() > 0.99
+
+
+def test_rewrites_leave_the_original_untouched():
+    original = load_backbone("efficientnet_lite0")
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    for_inference(original, "cpu", "bf16")
+    after = original.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+class BatchNormFirst(nn.Module):
+    """Registers conv before bn but runs bn first: folding by registration order would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.act = nn.ReLU6()
+        self.classifier = nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.act(self.conv(self.bn(x))).mean((2, 3))
+
+
+def test_a_network_that_does_not_run_in_registration_order_is_served_unrewritten():
+    network = BatchNormFirst().eval()
+    with torch.no_grad():  # BatchNorm statistics far from identity, so a misfold shows
+        network.bn.running_mean.uniform_(-1, 1)
+        network.bn.running_var.uniform_(0.2, 3)
+    spec = dataclasses.replace(get_spec("efficientnet_lite0"), head="classifier", feature_dim=3)
+    original = Backbone(spec, network).eval()
+    assert fold_batchnorm(BatchNormFirst()) == 1  # the rewrite itself does apply...
+    fast = for_inference(original, "cpu", "fp32")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # ...but was refused
+    x = torch.rand(2, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), original(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_clamp_equals_the_convolution_then_relu6(dtype):
+    holder = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), nn.ReLU6())
+    assert fuse_clamps(holder) == 1 and isinstance(holder[0], ConvClamp) and isinstance(holder[1], nn.Identity)
+    conv = holder[0].conv
+    x = (torch.randn(2, 8, 15, 15) * 4).to(dtype).contiguous(memory_format=torch.channels_last)
+    holder.to(dtype)
+    with torch.inference_mode():
+        expected = nn.functional.relu6(conv(x))
+        torch.testing.assert_close(holder(x), expected)
+    assert expected.max() == 6 and expected.min() == 0  # both ends of the clamp were exercised
