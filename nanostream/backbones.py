@@ -169,9 +169,8 @@ def rename_lite_keys(state: dict[str, torch.Tensor], network: nn.Module) -> dict
 def _build_lite(spec: BackboneSpec) -> nn.Module:
     import timm
 
-    with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        network = timm.create_model(f"tf_{spec.name}", pretrained=False)
-    network.load_state_dict(rename_lite_keys(_lite_state_dict(spec), network), strict=True, assign=True)
+    network = timm.create_model(f"tf_{spec.name}", pretrained=False)
+    network.load_state_dict(rename_lite_keys(_lite_state_dict(spec), network), strict=True)
     return network
 
 

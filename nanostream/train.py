@@ -110,14 +110,17 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
                                 should_stop=should_stop)
 
     # 1-2. score every candidate on the training images; the first pass also finds unreadable files.
-    # A helper thread loads the backbones and cross-validates each candidate while the feature
-    # workers run the next one: done in turn, both would leave cores idle between candidates.
+    # Two helper threads, one loading the backbones in turn, one cross-validating each candidate,
+    # work while the feature workers run the next candidate: done in turn, all three would leave
+    # cores idle in between. (Two loaders were no faster: building a network is mostly Python.)
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features = [], {}
     train_items = val_items = None
-    with ThreadPoolExecutor(1, thread_name_prefix="train", initializer=torch.set_num_threads, initargs=(1,)) as helper:
-        loading = {name: helper.submit(_load_for_inference, name, device) for name in names}
+    one_thread = dict(initializer=torch.set_num_threads, initargs=(1,))
+    with ThreadPoolExecutor(1, thread_name_prefix="load", **one_thread) as loader, \
+            ThreadPoolExecutor(1, thread_name_prefix="score", **one_thread) as helper:
+        loading = {name: loader.submit(_load_for_inference, name, device) for name in names}
         scoring = []
         for name in names:
             t0 = time.perf_counter()
