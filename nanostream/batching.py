@@ -9,10 +9,12 @@ whatever queued up while the last pass ran. Under load the queue fills during ea
 batches grow with the load by themselves, and a lone request pays nothing for the chance.
 
 On a GPU a pass over a few images of a small CNN costs about as much as a pass over one. On
-the CPU the cost grows with the batch: efficientnet_lite0 (traced, bf16, one intra-op thread,
-2-core AVX512-BF16 machine) takes ~13.5 ms of CPU for one image and ~9.5 ms per image from 4
-to 8, i.e. ~4 ms per pass (casting the weights to bf16, reordering them for oneDNN) plus ~9.3
-per image; past 12 images the activations outgrow the caches and it gets dearer again. Two
+the CPU the cost grows with the batch: efficientnet_lite0 (traced, bf16 under autocast, one
+intra-op thread, 2-core AVX512-BF16 machine) took ~13.5 ms of CPU for one image and ~9.5 ms per
+image from 4 to 8, i.e. ~4 ms per pass (casting the weights to bf16, reordering them for oneDNN)
+plus ~9.3 per image; past 12 images the activations outgrow the caches and it gets dearer
+again. The weights are now bf16 once and for all (inference.py), which removes most of that
+per-pass cost, and with it most of what batching could save on the CPU. Two
 intra-op threads cost more CPU than one (~26 ms for one image, ~15 per image at batch 4: they
 wait for each other at every layer). So on the CPU (api.cpu_batch_config) each worker runs one
 intra-op thread, two workers share the cores, and the second starts a pass only while `spill`
