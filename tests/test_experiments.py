@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import copy_slice
 from nanostream import experiments as E
-from nanostream import paths
 from nanostream.cli import main
 from nanostream.data import scan_folder
 from nanostream.features import FeatureCache
@@ -20,13 +19,6 @@ ARM_KEYS = {"accuracies", "mean", "std"}
 # Tiny but real: 3 classes x 6 photos; 2 seeds, 1 view per image keep the module near 30 s on 2 cores.
 FAST = E.ExperimentConfig(seeds=2, views=1)
 FAST_SCRATCH = E.ScratchConfig(size=32, epochs=2)
-
-
-def _copy_slice(src: Path, dst: Path, classes: list[str], n: int) -> None:
-    for label in classes:
-        (dst / label).mkdir(parents=True)
-        for path in sorted((src / label).iterdir())[:n]:
-            shutil.copy(path, dst / label / path.name)
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +31,17 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flowers(tmp_path_factory, home) -> Path:
-    src = paths.datasets_dir() / "flowers"
-    if not src.is_dir():
-        pytest.fail(f"real-photo datasets not found at {src}: set NANOSTREAM_DATASETS or add ../shared/datasets")
+def flowers(tmp_path_factory, home, datasets) -> Path:
     root = tmp_path_factory.mktemp("data") / "flowers"
-    _copy_slice(src, root, ["daisy", "sunflower", "tulip"], 6)
-    return root
+    return copy_slice(datasets / "flowers", root, 6, classes=["daisy", "sunflower", "tulip"])
 
 
 @pytest.fixture(scope="module")
-def bees(tmp_path_factory, home) -> Path:
+def bees(tmp_path_factory, home, datasets) -> Path:
     """hymenoptera's train/ + val/ layout: 2 classes x 5 training and 3 validation photos."""
-    src = paths.datasets_dir() / "hymenoptera"
-    if not src.is_dir():
-        pytest.fail(f"real-photo datasets not found at {src}: set NANOSTREAM_DATASETS or add ../shared/datasets")
-    root = tmp_path_factory.mktemp("data") / "hymenoptera"
-    _copy_slice(src / "train", root / "train", ["ants", "bees"], 5)
-    _copy_slice(src / "val", root / "val", ["ants", "bees"], 3)
+    src, root = datasets / "hymenoptera", tmp_path_factory.mktemp("data") / "hymenoptera"
+    copy_slice(src / "train", root / "train", 5)
+    copy_slice(src / "val", root / "val", 3)
     return root
 
 
