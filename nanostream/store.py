@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -243,30 +243,24 @@ class Store:
 
     # -- transactions ---------------------------------------------------------------------------
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction that takes the database's write lock up front (no upgrade deadlocks)."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            with self._transaction():
-                yield self._conn
+        return self._transaction("BEGIN IMMEDIATE")
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
         """A read transaction: one consistent snapshot across several queries."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            with self._transaction():
-                yield self._conn
+        return self._transaction("BEGIN")
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        try:
-            with self._conn:  # commits on success, rolls back on any exception
-                yield
-        finally:
-            if self._conn.in_transaction:  # a failed COMMIT leaves it open; never leak it to the next call
-                self._conn.rollback()
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute(begin)
+            try:
+                with self._conn:  # commits on success, rolls back on any exception
+                    yield self._conn
+            finally:
+                if self._conn.in_transaction:  # a failed COMMIT leaves it open; never leak it to the next call
+                    self._conn.rollback()
 
     # -- lookups --------------------------------------------------------------------------------
 
