@@ -68,6 +68,11 @@ class ScratchConfig:
 
 # ---------------------------------------------------------------- results
 
+def seed_std(values: list[float]) -> float:
+    """Sample standard deviation of per-seed values (0 for one seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 @dataclass
 class Arm:
     """One arm of an experiment: accuracy on the test images for each seed."""
@@ -80,8 +85,7 @@ class Arm:
 
     @property
     def std(self) -> float:
-        """Sample standard deviation over seeds (0 for one seed)."""
-        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+        return seed_std(self.accuracies)
 
     def to_dict(self, key: str = "name") -> dict:
         return {key: self.name, "accuracies": [round(a, 4) for a in self.accuracies],
@@ -135,7 +139,7 @@ class CurvePoint:
 
     @property
     def std(self) -> float:
-        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+        return seed_std(self.accuracies)
 
 
 @dataclass
@@ -681,7 +685,7 @@ def arms_table(result: ExperimentResult, key: str = "arm") -> str:
         paired = ""
         if arm is not first:
             deltas = [a - b for a, b in zip(arm.accuracies, first.accuracies)]
-            spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+            spread = seed_std(deltas)
             better, worse = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
             paired = f"{statistics.fmean(deltas):+.3f} +- {spread:.3f} {better}/{worse}"
         seeds = " ".join(f"{a:.3f}" for a in arm.accuracies)
