@@ -86,7 +86,7 @@ def _read(source: Path | bytes) -> bytes:
 class _Rows:
     """One source's outcome: its hash and feature rows (view 0, then views 1..K), or why it failed."""
     digest: str | None = None
-    rows: np.ndarray | None = None          # (1 + K, D)
+    rows: list | np.ndarray | None = None   # one per view (None: to compute), then stacked (1 + K, D)
     computed: int = 0
     error: str | None = None
 
@@ -130,7 +130,8 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     views = views if policy is not None and not policy.is_identity else 0
     group = policy.key() if views else None
     names = list(names) if names is not None else [str(s) if not isinstance(s, bytes) else f"#{i}" for i, s in enumerate(sources)]
-    threads = max(1, torch.get_num_threads() // WORKERS)
+    main_threads = torch.get_num_threads()
+    threads = max(1, main_threads // WORKERS)
 
     def load(source: Path | bytes) -> tuple[_Rows, list[tuple[int, torch.Tensor]]]:
         """Cached rows (missing ones None) and the image tensors of the views still to compute."""
@@ -169,7 +170,9 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
                 result.rows[view] = row
                 result.computed += 1
         for result, todo in loaded:
-            result.rows = None if result.error else np.stack(result.rows)
+            if result.error:
+                continue
+            result.rows = np.stack(result.rows)
             if todo:  # all rows of this image exist now: write them
                 cache.put(result.digest, backbone, mode, "original", result.rows[:1])
                 if views:
@@ -181,7 +184,6 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     chunks = [sources[i:i + per_chunk] for i in range(0, len(sources), per_chunk)]
     kept, hashes, failed, rows = [], [], [], []
     computed = index = 0
-    main_threads = torch.get_num_threads()
     try:
         for results in _in_order(process, chunks, WORKERS):
             if should_stop and should_stop():
