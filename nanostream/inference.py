@@ -12,8 +12,8 @@ seventh of the folded one's; autocast re-casts every weight on every pass (~4 ms
 
 from __future__ import annotations
 
-import ctypes
 import copy
+import ctypes
 import functools
 
 import torch
@@ -30,20 +30,16 @@ def keep_freed_memory() -> bool:
 
     A CPU forward pass allocates tens of MB of activations; by default each block above 128 KB
     (glibc's dynamic threshold tops out at 32 MB) is a new mmap whose every page faults on first
-    touch: ~12,000 faults per efficientnet_lite1 pass of 8 images, 10-15% of its time. Peak
-    memory is unchanged: freed blocks are reused instead of returned. False where it does not
-    apply (not glibc).
+    touch: ~12,000 faults per efficientnet_lite1 pass of 8 images, 10-15% of its time. Freed
+    blocks are reused instead of returned; a 1,000-image build still peaks at ~1.3 GB
+    (bench/bench_train.py). False where it does not apply (not glibc).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    # Two arenas for all threads: each arena keeps its own freed blocks, and one per feature
-    # worker, helper and server thread would keep several peaks' worth (+0.4 GB on a 1,000-image
-    # build); two serve the two workers that run forward passes at once.
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)
-                and libc.mallopt(m_arena_max, 2))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 keep_freed_memory()  # process-wide; whoever imports this module runs networks on the CPU
