@@ -147,8 +147,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
             score = (helper.submit(cross_val_accuracy, x, y, len(labels), seed=config.seed)
                      if len(names) > 1 else None)
             scoring.append((name, score, time.perf_counter() - t0))
-        candidates += [Candidate(name, score and score.result(), seconds, backbones.get_spec(name).gflops)
-                       for name, score, seconds in scoring]
+        candidates += [Candidate(name, score.result() if score else None, seconds,
+                                 backbones.get_spec(name).gflops) for name, score, seconds in scoring]
         candidates.sort(key=lambda c: names.index(c.backbone))
     usable = [c for c in candidates if c.error is None]
     if not usable:
