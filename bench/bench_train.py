@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from nanostream import backbones, inference  # noqa: E402
+from nanostream import backbones, features, inference  # noqa: E402
 from nanostream.data import scan_folder  # noqa: E402
 from nanostream.features import FeatureCache  # noqa: E402
 from nanostream.images import load_image  # noqa: E402
@@ -92,9 +92,11 @@ def grow(dataset_dir: Path, root: Path, name: str, extra: int, seed: int = 0) ->
 
 
 def cold_start():
+    """Forget what a new process would not have: loaded backbones, remembered file hashes."""
     backbones.load_backbone.cache_clear()
     inference.inference_backbone.cache_clear()
     backbones.weights_fingerprint.cache_clear()
+    features.forget_digests()
 
 
 # ---------------------------------------------------------------- baseline: the tutorial recipe

@@ -5,13 +5,13 @@ Loading reads tensors and JSON only: nothing in a bundle is ever unpickled."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .paths import write_atomically
 
 FORMAT = "nanostream-model/1"
 _META_KEY = "nanostream"
@@ -24,16 +24,9 @@ class BundleError(ValueError):
 def save_bundle(path: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """Write atomically, so a crash never leaves a half-written model under the final name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps({"format": FORMAT, **meta}, sort_keys=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
-    os.close(handle)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp,
-                  metadata={_META_KEY: header})
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda temp: save_file(tensors, temp, metadata={_META_KEY: header}))
     return path
 
 

@@ -317,15 +317,14 @@ def make_splits(table: _Table, seeds: int, per_class: int | None, test_fraction:
     return splits
 
 
-def _accuracy(table: _Table, train_rows: list[int], test_rows: Sequence[int], views: torch.Tensor | None,
-              seed: int) -> float:
+def _accuracy(table: _Table, train_rows: list[int], test_rows: Sequence[int], views: torch.Tensor | None) -> float:
     """Head fitted on the training rows (and their augmented views), scored on the test originals."""
     x, y = table.original[train_rows], table.y[train_rows]
     if views is not None and views.shape[1]:
         v = views[train_rows]
         x = torch.cat([x, v.reshape(-1, v.shape[-1])])
         y = torch.cat([y, y.repeat_interleave(v.shape[1])])
-    head = fit_head(x, y, len(table.labels), seed=seed)
+    head = fit_head(x, y, len(table.labels))
     test = list(test_rows)
     with torch.inference_mode():
         predicted = head(table.original[test]).argmax(1)
@@ -370,7 +369,7 @@ def augmentation_experiment(dataset: Dataset, policies: Sequence[str] | None = N
         views = run.views(table, policy, used)
         accuracies = []
         for split in splits:
-            accuracies.append(_accuracy(table, split.train(), split.test, views, split.seed))
+            accuracies.append(_accuracy(table, split.train(), split.test, views))
             run.progress(f"heads {name}", len(accuracies), len(splits))
         arms.append(Arm(name, accuracies))
     return _result(arms, table, splits, config, started, views=config.views)
@@ -467,7 +466,7 @@ def transfer_experiment(dataset: Dataset, config: ExperimentConfig = ExperimentC
         scratch_acc.append(float((logits.argmax(1) == table.y[test]).float().mean()))
 
     views = run.views(table, get_policy(scratch.augment), sorted({r for s in splits for r in s.train()}))
-    pretrained_acc = [_accuracy(table, s.train(), s.test, views, s.seed) for s in splits]
+    pretrained_acc = [_accuracy(table, s.train(), s.test, views) for s in splits]
     params = sum(p.numel() for p in small_cnn(len(table.labels), scratch.width).parameters())
     return _result([Arm("scratch", scratch_acc), Arm("pretrained", pretrained_acc)], table, splits, config,
                    started, scratch=dataclasses.asdict(scratch), scratch_params=params, views=config.views)
@@ -556,7 +555,7 @@ def _measure_curve(table: _Table, splits: list[Split], views: torch.Tensor | Non
     points = []
     chosen = _curve_sizes(largest, sizes)
     for i, k in enumerate(chosen, 1):
-        points.append(CurvePoint(k, [_accuracy(table, s.train(k), s.test, views, s.seed) for s in splits]))
+        points.append(CurvePoint(k, [_accuracy(table, s.train(k), s.test, views) for s in splits]))
         progress("curve", i, len(chosen))
     return points
 

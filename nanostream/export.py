@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .paths import write_atomically
 
 FORMATS = ("onnx", "torchscript")
 # Opset 17 runs on every ONNX Runtime since 1.14 (2023) and has every op EfficientNet and ResNet need.
@@ -57,7 +56,7 @@ def describe(classifier, fmt: str) -> dict:
             "decode": "RGB, EXIF orientation applied (PIL ImageOps.exif_transpose)",
             "jpeg_draft": "JPEGs decode in PIL draft mode: a reduced DCT scale no smaller than "
                           "resize_size on either side",
-            "resize": "shorter side to resize_size, aspect ratio kept (PIL resize, antialiased)",
+            "resize": "shorter side to resize_size, aspect ratio kept (antialiased, as torchvision Resize)",
             "crop": "center crop to input_size x input_size",
             "scale": "pixel / 255 -> [0, 1]",
             "normalization": "inside the network: feed [0, 1] values; mean and std are for reference only",
@@ -66,18 +65,6 @@ def describe(classifier, fmt: str) -> dict:
         "created_at": classifier.meta.get("created_at"),
         "nanostream_version": __version__,
     }
-
-
-def _write_atomic(out: Path, write) -> None:
-    """write(temp_path) then rename: a failed export never leaves a broken file under the name."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, out)
-    finally:
-        Path(temp).unlink(missing_ok=True)
 
 
 def _save_torchscript(module: torch.nn.Module, example: torch.Tensor, path: str) -> None:
@@ -116,8 +103,8 @@ def export_model(ref: str | Path, fmt: str, out: str | Path) -> ExportResult:
     size = classifier.spec.input_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     try:
-        _write_atomic(out, lambda temp: (_save_onnx if fmt == "onnx" else _save_torchscript)(module, example, temp))
-        _write_atomic(labels_path, lambda temp: Path(temp).write_text(json.dumps(describe(classifier, fmt), indent=1)))
+        write_atomically(out, lambda temp: (_save_onnx if fmt == "onnx" else _save_torchscript)(module, example, temp))
+        write_atomically(labels_path, lambda temp: Path(temp).write_text(json.dumps(describe(classifier, fmt), indent=1)))
     except OSError as exc:
         raise OSError(f"cannot write {out}: {exc.strerror or exc}") from None
     return ExportResult(out, labels_path, fmt, classifier.model_id)

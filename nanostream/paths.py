@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,3 +25,15 @@ def datasets_dir() -> Path:
 def sample_project_dir() -> Path:
     """The small bundled sample project, so the app works offline on first launch."""
     return REPO_ROOT / "samples" / "hymenoptera"
+
+
+def write_atomically(out: Path, write: Callable[[str], None]) -> None:
+    """write(temp_path) then rename over `out`: readers, and a crash, never see half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, out)
+    finally:
+        Path(temp).unlink(missing_ok=True)

@@ -126,7 +126,9 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
             t0 = time.perf_counter()
             try:
                 loading[name].result()
-                feats = features_of(pool, name)
+                # The previous build's backbone usually stays (see TrainConfig.prefer): its views
+                # are made now, while the other candidates load and score, not after the choice.
+                feats = features_of(pool, name, policy.views if name == config.prefer else 0)
             except backbones.BackboneUnavailable as exc:
                 candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
                 continue
@@ -169,7 +171,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     skipped += val_feats.failed
     val_items = [val_items[i] for i in val_feats.kept]
     y_val = _targets(val_items, index_of)
-    head = fit_head(x_train, y_train, len(labels), seed=config.seed)
+    head = fit_head(x_train, y_train, len(labels))
     with torch.inference_mode():
         probs = torch.softmax(head(val_feats.original), 1)
     metrics = classification_report(probs, y_val, labels, [str(i.path) for i in val_items])
@@ -194,7 +196,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
         val_aug = features_of(val_items, winner, policy.views, stage="augmenting").augmented
         x_all = torch.cat([x_train, _with_views(val_feats.original, val_aug)])
         y_all = torch.cat([y_train, _with_views_targets(y_val, val_aug)])
-        head = fit_head(x_all, y_all, len(labels), seed=config.seed)
+        head = fit_head(x_all, y_all, len(labels))
 
     return TrainResult(
         labels=labels, backbone=winner, policy=policy, mode=mode, head=head, finetuned=finetuned,

@@ -65,3 +65,20 @@ def test_unreadable_files_are_reported_not_raised(photos, tmp_path):
 def test_should_stop_interrupts(photos, tmp_path):
     with pytest.raises(InterruptedError):
         extract_features(photos, "efficientnet_lite0", cache=FeatureCache(tmp_path / "c"), should_stop=lambda: True)
+
+
+def test_unchanged_files_are_not_read_again_and_changed_ones_are(photos, tmp_path, monkeypatch):
+    from nanostream import features
+    from nanostream.images import content_hash
+
+    cache = FeatureCache(tmp_path / "cache")
+    extract_features(photos, "efficientnet_lite0", cache=cache)
+    reads = []
+    monkeypatch.setattr(features, "_read", lambda source: reads.append(source) or source.read_bytes())
+    again = extract_features(photos, "efficientnet_lite0", cache=cache)
+    assert again.computed == 0 and reads == []  # hashes remembered, features cached: no file opened
+    target = photos[0]
+    target.write_bytes(photos[1].read_bytes() + b"trailer")  # other content under the same name
+    changed = extract_features(photos, "efficientnet_lite0", cache=cache)
+    assert reads == [target] and changed.computed == 1
+    assert changed.hashes[0] == content_hash(target.read_bytes()) != again.hashes[0]

@@ -1,12 +1,15 @@
 import dataclasses
+import hashlib
 
 import pytest
 import torch
 from torch import nn
 
-from nanostream.backbones import Backbone, get_spec, load_backbone, prepare_image
+from nanostream import backbones, inference
+from nanostream.backbones import Backbone, get_spec, load_backbone, prepare_image, weights_fingerprint
 from nanostream.images import load_image
-from nanostream.inference import ConvClamp, fold_batchnorm, for_inference, fuse_clamps
+from nanostream.inference import (ConvClamp, fold_batchnorm, for_inference, fuse_clamps, inference_backbone,
+                                  prepared_path)
 
 
 def photos(datasets, spec, n=3):
@@ -79,3 +82,61 @@ def test_conv_clamp_equals_the_convolution_then_relu6(dtype):
         expected = nn.functional.relu6(conv(x))
         torch.testing.assert_close(holder(x), expected)
     assert expected.max() == 6 and expected.min() == 0  # both ends of the clamp were exercised
+
+
+@pytest.fixture()
+def fresh_home(tmp_path, monkeypatch):
+    """An empty NANOSTREAM_HOME and nothing loaded, as a new process on a new machine."""
+    monkeypatch.setenv("NANOSTREAM_HOME", str(tmp_path / "home"))
+    for cached in (inference_backbone, weights_fingerprint):
+        cached.cache_clear()
+    yield tmp_path / "home"
+    for cached in (inference_backbone, weights_fingerprint):
+        cached.cache_clear()
+
+
+def test_prepared_copy_is_kept_on_disk_and_read_back_without_the_original(fresh_home, monkeypatch):
+    name = "efficientnet_lite0"
+    first = inference_backbone(name, "cpu", "bf16")
+    kept = prepared_path(name, "bf16")
+    assert kept.is_file() and first.rewrites == ("fold_batchnorm", "fuse_clamps")
+    inference_backbone.cache_clear()
+
+    def no_original(*_):
+        raise AssertionError("the original network was loaded again")
+    monkeypatch.setattr(inference, "load_backbone", no_original)
+    again = inference_backbone(name, "cpu", "bf16")
+    assert again is not first and again.rewrites == first.rewrites
+    assert sum(isinstance(m, ConvClamp) for m in again.modules()) == sum(isinstance(m, ConvClamp) for m in first.modules())
+    assert all(not p.requires_grad for p in again.parameters())
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(again(x), first(x))
+
+
+def test_a_damaged_prepared_copy_is_prepared_afresh(fresh_home):
+    name = "efficientnet_lite0"
+    first = inference_backbone(name, "cpu", "fp32")
+    kept = prepared_path(name, "fp32")
+    kept.write_bytes(kept.read_bytes()[:5000])  # truncated
+    inference_backbone.cache_clear()
+    again = inference_backbone(name, "cpu", "fp32")
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(again(x), first(x))
+    assert kept.stat().st_size > 1_000_000  # rewritten whole
+
+
+def test_weights_fingerprint_is_kept_per_weights_file(fresh_home, monkeypatch):
+    name = "efficientnet_lite0"
+    digest = hashlib.sha256()
+    for key, tensor in sorted(load_backbone(name).state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    assert weights_fingerprint(name) == digest.hexdigest()[:16]
+    records = list((fresh_home / "backbones").glob(f"{name}-*.fingerprint"))
+    assert [r.read_text() for r in records] == [digest.hexdigest()[:16]]
+    weights_fingerprint.cache_clear()
+    monkeypatch.setattr(backbones, "weights_key", lambda _: "another-install")  # e.g. a new package release
+    assert weights_fingerprint(name) == digest.hexdigest()[:16]
+    assert (fresh_home / "backbones" / f"{name}-another-install.fingerprint").is_file()
