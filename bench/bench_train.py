@@ -164,6 +164,8 @@ def first_builds(data: Path, config: TrainConfig, work: Path, repeats: int):
         cache = FeatureCache(work / f"features-{data.name}-{i}")
         result, seconds = nanostream_build(data, config, cache)
         runs.append((seconds, i, result, cache))
+    print(f"{data.name}: first builds " + ", ".join(f"{run[0]:.1f}" for run in runs) + " s "
+          "(the first on this machine also prepares each backbone for inference, once)", flush=True)
     seconds, _, result, cache = sorted(runs, key=lambda run: run[:2])[len(runs) // 2]
     return result, seconds, cache
 

@@ -116,7 +116,7 @@ def _digest(source: Path | bytes) -> tuple[str, bytes | None]:
 class _Rows:
     """One source's outcome: its hash and feature rows (view 0, then views 1..K), or why it failed."""
     digest: str | None = None
-    rows: list | np.ndarray | None = None   # one per view (None: to compute), then stacked (1 + K, D)
+    rows: list[np.ndarray | None] | None = None  # one per view; None: still to compute
     computed: int = 0
     error: str | None = None
 
@@ -146,16 +146,16 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     Unreadable sources are reported in `failed`, never raised. `should_stop` is polled
     between chunks of images and raises InterruptedError when it says so.
 
-    WORKERS threads each take a chunk of images and do everything for it: read, hash, look up
-    the cache, decode, resize, augment, forward passes (with their share of the intra-op
-    threads), cache writes. Two half-width workers keep every core busy where one full-width
-    pass would leave cores idle while a single thread decodes, and waiting at each layer for
-    a core that is busy decoding costs more than it saves.
+    Two passes on WORKERS threads. The first hashes every source and reads what the cache
+    holds. The second takes the images with rows missing, in chunks of about one forward pass,
+    and does everything for each chunk on one thread: read, decode, resize, augment, forward
+    (with its share of the intra-op threads), cache writes. A rebuild's few new images thus share
+    full batches instead of riding one or two per pass. Two half-width workers keep every core
+    busy where one full-width pass would leave cores idle while a single thread decodes.
     """
     device = device or default_device()
     mode = precision(device)
     spec = get_spec(backbone)
-    model = inference_backbone(backbone, str(device), mode)
     cache = cache if cache is not None else FeatureCache()
     views = views if policy is not None and not policy.is_identity else 0
     group = policy.key() if views else None
@@ -163,12 +163,12 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     main_threads = torch.get_num_threads()
     threads = max(1, main_threads // WORKERS)
 
-    def load(source: Path | bytes) -> tuple[_Rows, list[tuple[int, torch.Tensor]]]:
-        """Cached rows (missing ones None) and the image tensors of the views still to compute."""
+    def look_up(source: Path | bytes) -> _Rows:
+        """The source's hash and its cached rows (None where missing)."""
         try:
-            digest, data = _digest(source)
+            digest, _ = _digest(source)  # its bytes are read again if needed: holding them costs memory
         except OSError as exc:
-            return _Rows(error=f"cannot read file: {exc.strerror or exc}"), []
+            return _Rows(error=f"cannot read file: {exc.strerror or exc}")
         rows: list[np.ndarray | None] = [None] * (1 + views)
         cached = cache.get(digest, backbone, mode, "original")
         if cached is not None:
@@ -176,23 +176,23 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
         cached_views = cache.get(digest, backbone, mode, group) if views else None
         for v, row in enumerate([] if cached_views is None else cached_views[:views], start=1):
             rows[v] = row
-        todo = [v for v, row in enumerate(rows) if row is None]
-        result = _Rows(digest, rows)
-        if not todo:
-            return result, []
-        try:
-            data = data if data is not None else _read(source)
-            image = prepare_image(decode_image(data, draft_size=spec.resize_size), spec)
-        except OSError as exc:
-            return _Rows(error=f"cannot read file: {exc.strerror or exc}"), []
-        except BadImage as exc:
-            return _Rows(error=str(exc)), []
-        return result, [(v, image if v == 0 else augment_image(image, policy, view_seed(digest, v))) for v in todo]
+        return _Rows(digest, rows)
 
-    def process(chunk: Sequence[Path | bytes]) -> list[_Rows]:  # on a worker thread
+    def compute(chunk: list[int]) -> int:  # on a worker thread; returns how many images it finished
         torch.set_num_threads(threads)
-        loaded = [load(source) for source in chunk]
-        work = [(result, view, tensor) for result, todo in loaded for view, tensor in todo]
+        work = []
+        for i in chunk:
+            result = results[i]
+            try:
+                image = prepare_image(decode_image(_read(sources[i]), draft_size=spec.resize_size), spec)
+            except OSError as exc:
+                result.error = f"cannot read file: {exc.strerror or exc}"
+                continue
+            except BadImage as exc:
+                result.error = str(exc)
+                continue
+            work += [(result, v, image if v == 0 else augment_image(image, policy, view_seed(result.digest, v)))
+                     for v, row in enumerate(result.rows) if row is None]
         for start in range(0, len(work), BATCH_SIZE):
             batch = work[start:start + BATCH_SIZE]
             x = torch.stack([t for _, _, t in batch]).to(device)
@@ -201,39 +201,43 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
             for (result, view, _), row in zip(batch, out):
                 result.rows[view] = row
                 result.computed += 1
-        for result, todo in loaded:
-            if result.error:
-                continue
-            result.rows = np.stack(result.rows)
-            if todo:  # all rows of this image exist now: write them
-                cache.put(result.digest, backbone, mode, "original", result.rows[:1])
+        for i in chunk:
+            result = results[i]
+            if not result.error:  # all rows of this image exist now: write them
+                cache.put(result.digest, backbone, mode, "original", np.stack(result.rows[:1]))
                 if views:
-                    cache.put(result.digest, backbone, mode, group, result.rows[1:])
-        return [result for result, _ in loaded]
+                    cache.put(result.digest, backbone, mode, group, np.stack(result.rows[1:]))
+        return len(chunk)
 
-    # About one forward pass of work per chunk: many small chunks keep both workers busy to the end
-    per_chunk = max(1, BATCH_SIZE // (1 + views))
-    chunks = [sources[i:i + per_chunk] for i in range(0, len(sources), per_chunk)]
-    kept, hashes, failed, rows = [], [], [], []
-    computed = index = 0
+    results = list(_in_order(look_up, sources, WORKERS))
+    missing = [i for i, result in enumerate(results) if not result.error and any(row is None for row in result.rows)]
+    # Chunks of about one forward pass: many small chunks keep both workers busy to the end.
+    chunks, size = [[]], 0
+    for i in missing:
+        if size >= BATCH_SIZE:
+            chunks, size = chunks + [[]], 0
+        chunks[-1].append(i)
+        size += sum(row is None for row in results[i].rows)
+    done = len(sources) - len(missing)
+    if on_progress:
+        on_progress(done, len(sources))
+    if missing:
+        model = inference_backbone(backbone, str(device), mode)  # here, not on both workers at once
     try:
-        for results in _in_order(process, chunks, WORKERS):
+        for finished in _in_order(compute, chunks if missing else [], WORKERS):
             if should_stop and should_stop():
                 raise InterruptedError("stopped")
-            for result in results:
-                if result.error:
-                    failed.append((names[index], result.error))
-                else:
-                    kept.append(index)
-                    hashes.append(result.digest)
-                    rows.append(result.rows)
-                    computed += result.computed
-                index += 1
+            done += finished
             if on_progress:
-                on_progress(index, len(sources))
+                on_progress(done, len(sources))
     finally:
         torch.set_num_threads(main_threads)  # the workers' setting is also torch's default for new threads
 
+    kept = [i for i, result in enumerate(results) if not result.error]
+    failed = [(names[i], result.error) for i, result in enumerate(results) if result.error]
+    rows = [np.stack(results[i].rows) for i in kept]
+    hashes = [results[i].digest for i in kept]
+    computed = sum(result.computed for result in results)
     table = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 1 + views, spec.feature_dim)
     return Features(original=table[:, 0].contiguous(), augmented=table[:, 1:].contiguous(),
                     kept=kept, hashes=hashes, failed=failed, computed=computed)

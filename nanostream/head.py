@@ -28,40 +28,58 @@ class Head(nn.Module):
 
 def fit_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float = WEIGHT_DECAY) -> Head:
     """Fit by full-batch L-BFGS with class-balanced loss, so a rare class is not ignored.
-    Deterministic: it starts from zeros, and the problem is convex.
-
-    The loss's gradient is written out (softmax minus one-hot, weighted) rather than taken by
-    autograd: a few small matrix products per step, a quarter less time than the autograd pass,
-    and cross-validation fits 15 of these per candidate backbone.
-    """
+    Deterministic: it starts from zeros, and the problem is convex."""
     x = x.float()
     head = Head(x.shape[1], n_classes)
     head.mean.copy_(x.mean(0))
     head.scale.copy_(x.std(0, unbiased=False) + 1e-6)
-    counts = torch.bincount(y, minlength=n_classes).float()
-    class_weight = counts.sum() / (n_classes * counts.clamp(min=1))
-    sample_weight = class_weight[y] / class_weight[y].sum()  # cross_entropy(weight=...)'s mean
-    target = F.one_hot(y, n_classes).float()
     z = (x - head.mean) / head.scale
-    weight, bias = head.linear.weight, head.linear.bias
+    weight, bias = _fit_linear(z[None], F.one_hot(y, n_classes).float(), _balanced(y, n_classes)[None], weight_decay)
     with torch.no_grad():
-        weight.zero_()
-        bias.zero_()
+        head.linear.weight.copy_(weight[0])
+        head.linear.bias.copy_(bias[0, 0])
+    return head.eval()
+
+
+def _balanced(y: torch.Tensor, n_classes: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample weights that give every class the same total (over `rows`, a mask; others 0),
+    summing to 1: what cross_entropy(weight=class weights) averages with."""
+    rows = torch.ones(len(y), dtype=torch.bool) if rows is None else rows
+    counts = torch.bincount(y[rows], minlength=n_classes).float()
+    class_weight = counts.sum() / (n_classes * counts.clamp(min=1))
+    weight = class_weight[y] * rows
+    return weight / weight.sum()
+
+
+def _fit_linear(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
+                weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted multinomial logistic regression, for P independent problems at once.
+
+    z (P, N, D) standardised features, target (N, C) one-hot, sample_weight (P, N): each row
+    sums to 1, and 0 leaves a sample out of that problem. Returns weights (P, C, D) and biases
+    (P, 1, C). The P losses share no parameter, so L-BFGS on their sum reaches each one's
+    optimum: cross-validation runs one optimisation for all its folds instead of one per fold,
+    five times fewer small steps, each of which waits its turn for the interpreter while the
+    feature workers run. The gradient is written out (softmax minus one-hot, weighted), a quarter
+    less time than autograd's.
+    """
+    problems, _, dim = z.shape
+    weight = torch.zeros(problems, target.shape[1], dim)
+    bias = torch.zeros(problems, 1, target.shape[1])
     weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, line_search_fn="strong_wolfe")
 
     @torch.no_grad()
     def closure():
-        log_p = torch.log_softmax(torch.addmm(bias, z, weight.t()), 1)
-        loss = -(sample_weight * (log_p * target).sum(1)).sum() + weight_decay * weight.pow(2).sum()
-        d_logits = (log_p.exp() - target) * sample_weight[:, None]
-        torch.mm(d_logits.t(), z, out=weight.grad).add_(weight, alpha=2 * weight_decay)
-        torch.sum(d_logits, 0, out=bias.grad)
+        log_p = torch.log_softmax(torch.baddbmm(bias, z, weight.transpose(1, 2)), 2)
+        loss = -(sample_weight * (log_p * target).sum(2)).sum() + weight_decay * weight.pow(2).sum()
+        d_logits = (log_p.exp() - target) * sample_weight[..., None]
+        torch.bmm(d_logits.transpose(1, 2), z, out=weight.grad).add_(weight, alpha=2 * weight_decay)
+        torch.sum(d_logits, 1, keepdim=True, out=bias.grad)
         return loss
 
     optimizer.step(closure)
-    weight.grad = bias.grad = None
-    return head.eval()
+    return weight, bias
 
 
 def stratified_folds(y: torch.Tensor, n_folds: int, seed: int) -> list[torch.Tensor]:
@@ -76,21 +94,18 @@ def stratified_folds(y: torch.Tensor, n_folds: int, seed: int) -> list[torch.Ten
     return [torch.tensor(sorted(f), dtype=torch.long) for f in folds if f]
 
 
-def cross_val_accuracy(original: torch.Tensor, y: torch.Tensor, n_classes: int,
-                       augmented: torch.Tensor | None = None, seed: int = 0, max_folds: int = 5) -> float:
-    """K-fold accuracy on the original images; augmented views of training folds join their fit."""
+def cross_val_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0, max_folds: int = 5) -> float:
+    """Stratified K-fold accuracy of fit_head's model; the folds are fitted together (_fit_linear)."""
     n_folds = max(2, min(max_folds, int(torch.bincount(y).min())))
     folds = stratified_folds(y, n_folds, seed)
-    correct = 0
-    for held in folds:
-        train = torch.ones(len(y), dtype=torch.bool)
-        train[held] = False
-        x_fit, y_fit = original[train], y[train]
-        if augmented is not None and augmented.shape[1]:
-            views = augmented[train]
-            x_fit = torch.cat([x_fit, views.reshape(-1, views.shape[-1])])
-            y_fit = torch.cat([y_fit, y[train].repeat_interleave(views.shape[1])])
-        head = fit_head(x_fit, y_fit, n_classes)
-        with torch.inference_mode():
-            correct += int((head(original[held]).argmax(1) == y[held]).sum())
+    x = x.float()
+    fit_rows = torch.ones(len(folds), len(y), dtype=torch.bool)
+    for f, held in enumerate(folds):
+        fit_rows[f, held] = False
+    z = torch.stack([(x - x[rows].mean(0)) / (x[rows].std(0, unbiased=False) + 1e-6) for rows in fit_rows])
+    sample_weight = torch.stack([_balanced(y, n_classes, rows) for rows in fit_rows])
+    weight, bias = _fit_linear(z, F.one_hot(y, n_classes).float(), sample_weight, WEIGHT_DECAY)
+    with torch.no_grad():
+        predicted = torch.baddbmm(bias, z, weight.transpose(1, 2)).argmax(2)  # (folds, N)
+    correct = sum(int((predicted[f, held] == y[held]).sum()) for f, held in enumerate(folds))
     return correct / len(y)
