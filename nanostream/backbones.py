@@ -105,12 +105,16 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.body_dtype = torch.float32  # for_inference may cast the body (not mean/std) to bf16
-        self.rewrites: tuple[str, ...] = ()  # and names here what it rewrote (inference.py)
+        self.rewrites: tuple[str, ...] = ()  # and names here what it rewrote (inference.py),
+        self.same_padding: dict = {}  # with the layers made for input_size inputs only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] -> features (N, feature_dim), in the weights' dtype."""
         # (x - mean) / std in one pass, then the body's dtype, then channels_last: in this order
         # it is 2 ms for 8 images on a CPU core, 9 ms with channels_last first (slow broadcasting)
+        if self.same_padding and tuple(x.shape[-2:]) != (self.spec.input_size,) * 2:
+            raise ValueError(f"this copy of {self.spec.name} takes {self.spec.input_size}x{self.spec.input_size} "
+                             f"images, not {tuple(x.shape[-2:])}")
         x = torch.addcmul(-self.mean / self.std, x, 1 / self.std).to(self.body_dtype)
         return self.body(x.contiguous(memory_format=torch.channels_last))
 
@@ -245,15 +249,17 @@ def available_backbones() -> list[str]:
     return sorted(names, key=lambda name: REGISTRY[name].gflops)
 
 
-def build_architecture(spec: BackboneSpec) -> nn.Module:
-    """The network with its 1000-class head, randomly initialised: the shape the weights fill."""
+def build_architecture(spec: BackboneSpec, device: str = "cpu") -> nn.Module:
+    """The network with its 1000-class head, randomly initialised: the shape the weights fill.
+    On the "meta" device it has shapes and no values, for load_state_dict(..., assign=True)."""
     if spec.source == "bundled":
         import timm
 
-        return timm.create_model(f"tf_{spec.name}", pretrained=False)
+        return timm.create_model(f"tf_{spec.name}", pretrained=False, device=device)
     import torchvision
 
-    return torchvision.models.get_model(spec.name, weights=None)
+    with torch.device(device):
+        return torchvision.models.get_model(spec.name, weights=None)
 
 
 def weights_key(name: str) -> str:

@@ -87,11 +87,6 @@ _DIGESTS: dict[tuple, str] = {}
 _MAX_DIGESTS = 200_000
 
 
-def forget_digests() -> None:
-    """Drop the remembered file hashes, as a new process starts (benchmarks, tests)."""
-    _DIGESTS.clear()
-
-
 def _digest(source: Path | bytes) -> tuple[str, bytes | None]:
     """A source's content hash, and its bytes when they had to be read for it.
 

@@ -3,13 +3,14 @@ import hashlib
 
 import pytest
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 
 from nanostream import backbones, inference
 from nanostream.backbones import Backbone, get_spec, load_backbone, prepare_image, weights_fingerprint
 from nanostream.images import load_image
 from nanostream.inference import (ConvClamp, fold_batchnorm, for_inference, fuse_clamps, inference_backbone,
-                                  prepared_path)
+                                  prepared_path, same_padding_plan, unpad_same_convs)
 
 
 def photos(datasets, spec, n=3):
@@ -24,6 +25,7 @@ def test_rewritten_backbone_gives_the_original_features_on_real_photos(datasets)
     modules = list(fast.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in modules), "every BatchNorm folded"
     assert sum(isinstance(m, ConvClamp) for m in modules) >= 20, "conv + ReLU6 pairs fused"
+    assert not any(isinstance(m, Conv2dSame) for m in modules), "TF 'SAME' layers made plain"
     with torch.inference_mode():
         reference, features = original(x), fast(x)
     torch.testing.assert_close(features, reference, rtol=1e-3, atol=1e-3)
@@ -71,6 +73,26 @@ def test_a_network_that_does_not_run_in_registration_order_is_served_unrewritten
         torch.testing.assert_close(fast(x), original(x))
 
 
+@pytest.mark.parametrize("kernel,size", [(3, 16), (3, 15), (5, 16), (5, 17)])
+def test_same_padding_conv_made_plain_computes_the_same(kernel, size):
+    """Stride 2: even sizes pad unevenly (one more after), odd ones evenly."""
+    network = nn.Sequential(Conv2dSame(3, 6, kernel, stride=2, groups=3))  # depthwise, as in the Lite stages
+    plan = same_padding_plan(network, size)
+    assert unpad_same_convs(network, plan) == 1 and type(network[0]) is nn.Conv2d
+    assert plan["0"][2:] == ((1, 1) if size % 2 == 0 else (0, 0))  # the extra zero taps
+    x = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        expected = Conv2dSame(3, 6, kernel, stride=2, groups=3)
+        expected.load_state_dict({"weight": network[0].weight[..., -kernel:, -kernel:], "bias": network[0].bias})
+        torch.testing.assert_close(network(x), expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_rewritten_copy_refuses_other_input_sizes():
+    fast = for_inference(load_backbone("efficientnet_lite0"), "cpu", "fp32")
+    with pytest.raises(ValueError, match="takes 224x224 images"), torch.inference_mode():
+        fast(torch.rand(1, 3, 256, 256))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv_clamp_equals_the_convolution_then_relu6(dtype):
     holder = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), nn.ReLU6())
@@ -99,7 +121,8 @@ def test_prepared_copy_is_kept_on_disk_and_read_back_without_the_original(fresh_
     name = "efficientnet_lite0"
     first = inference_backbone(name, "cpu", "bf16")
     kept = prepared_path(name, "bf16")
-    assert kept.is_file() and first.rewrites == ("fold_batchnorm", "fuse_clamps")
+    assert kept.is_file() and first.rewrites == ("fold_batchnorm", "unpad_same_convs", "fuse_clamps")
+    assert len(first.same_padding) == 5  # the stem and four stride-2 depthwise layers
     inference_backbone.cache_clear()
 
     def no_original(*_):
