@@ -41,8 +41,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_size: int | No
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()  # full decode: catches truncated data that verify() lets through
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        # In place, and no conversion of what is RGB already: each copy is ~0.3 ms for a 500 px photo.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
