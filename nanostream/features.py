@@ -8,6 +8,7 @@ policy keeps the features of the original images. View 0 is the image itself; vi
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import deque
@@ -132,6 +133,26 @@ def _in_order(fn: Callable, items: Sequence, workers: int) -> Iterator:
                 future.cancel()
 
 
+def _balanced_chunks(items: list[int], rows: list[int]) -> list[list[int]]:
+    """Items grouped into chunks of at most about BATCH_SIZE rows (one forward pass), in whole
+    rounds of WORKERS chunks of even size, so the workers finish together: with chunks of 8
+    rows, a rebuild's 10 new rows ran as one pass of 8 on one core and 2 on the other."""
+    total = sum(rows)
+    if not total:
+        return []
+    rounds = math.ceil(total / (WORKERS * BATCH_SIZE))
+    target = math.ceil(total / (WORKERS * rounds))
+    chunks: list[list[int]] = []
+    size = 0
+    for item, n in zip(items, rows):
+        if not chunks or size + n > target:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
+
+
 def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: AugmentPolicy | None = None,
                      views: int = 0, device: torch.device | None = None, cache: FeatureCache | None = None,
                      on_progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
@@ -206,20 +227,14 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
 
     results = list(_in_order(look_up, sources, WORKERS))
     missing = [i for i, result in enumerate(results) if not result.error and any(row is None for row in result.rows)]
-    # Chunks of about one forward pass: many small chunks keep both workers busy to the end.
-    chunks, size = [[]], 0
-    for i in missing:
-        if size >= BATCH_SIZE:
-            chunks, size = chunks + [[]], 0
-        chunks[-1].append(i)
-        size += sum(row is None for row in results[i].rows)
+    chunks = _balanced_chunks(missing, [sum(row is None for row in results[i].rows) for i in missing])
     done = len(sources) - len(missing)
     if on_progress:
         on_progress(done, len(sources))
     if missing:
         model = inference_backbone(backbone, str(device), mode)  # here, not on both workers at once
     try:
-        for finished in _in_order(compute, chunks if missing else [], WORKERS):
+        for finished in _in_order(compute, chunks, WORKERS):
             if should_stop and should_stop():
                 raise InterruptedError("stopped")
             done += finished

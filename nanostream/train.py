@@ -116,7 +116,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features = [], {}
-    train_items = val_items = None
+    train_items = val_items = early_val = None
     one_thread = dict(initializer=torch.set_num_threads, initargs=(1,))
     with ThreadPoolExecutor(1, thread_name_prefix="load", **one_thread) as loader, \
             ThreadPoolExecutor(1, thread_name_prefix="score", **one_thread) as helper:
@@ -149,6 +149,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
             score = (helper.submit(cross_val_accuracy, x, y, len(labels), seed=config.seed)
                      if len(names) > 1 else None)
             scoring.append((name, score, time.perf_counter() - t0))
+            if name == config.prefer and dataset.val:  # and its validation features, likewise
+                early_val = features_of(val_items, name, stage="validation")
         candidates += [Candidate(name, score.result() if score else None, seconds,
                                  backbones.get_spec(name).gflops) for name, score, seconds in scoring]
         candidates.sort(key=lambda c: names.index(c.backbone))
@@ -164,10 +166,18 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     winner = best.backbone
 
     # 3. the winner's augmented views, the head, and its validation score
-    train_feats = features_of(train_items, winner, policy.views, stage="augmenting")
-    x_train = _with_views(train_feats.original, train_feats.augmented)
-    y_train = _with_views_targets(_targets(train_items, index_of), train_feats.augmented)
-    val_feats = features_of(val_items, winner, stage="validation")
+    made = pool_features[winner]
+    if made.augmented.shape[1] == policy.views:  # views made in its candidate pass (prefer)
+        positions = {str(item.path): i for i, item in enumerate(pool)}
+        rows = [positions[str(item.path)] for item in train_items]
+        original, augmented = made.original[rows], made.augmented[rows]
+    else:
+        made = features_of(train_items, winner, policy.views, stage="augmenting")
+        original, augmented = made.original, made.augmented
+    x_train = _with_views(original, augmented)
+    y_train = _with_views_targets(_targets(train_items, index_of), augmented)
+    val_feats = (early_val if winner == config.prefer and early_val is not None
+                 else features_of(val_items, winner, stage="validation"))
     skipped += val_feats.failed
     val_items = [val_items[i] for i in val_feats.kept]
     y_val = _targets(val_items, index_of)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanostream.data import DataError, scan_folder
+from nanostream.features import FeatureCache
 from nanostream.head import cross_val_accuracy, fit_head, stratified_folds
 from nanostream.train import TrainConfig, train
 
@@ -129,3 +130,15 @@ def test_a_rebuild_keeps_the_previous_backbone_unless_another_is_clearly_better(
         again = train(data, TrainConfig(augment="none", prefer=name))
         clearly_better = max(scores.values()) - score > one_image + 1e-9
         assert (again.backbone == name) != clearly_better, (name, scores)
+
+
+def test_work_done_ahead_for_the_preferred_backbone_gives_the_same_model(tiny_hymenoptera, tmp_path):
+    """A rebuild makes the preferred backbone's views and validation features during scoring;
+    when it is kept, the model is the one a build fixed on that backbone makes."""
+    data = scan_folder(tiny_hymenoptera)
+    chosen = train(data, TrainConfig(views=2)).backbone
+    ahead = train(data, TrainConfig(views=2, prefer=chosen), cache=FeatureCache(tmp_path / "a"))
+    fixed = train(data, TrainConfig(views=2, backbone=chosen), cache=FeatureCache(tmp_path / "b"))
+    assert ahead.backbone == chosen and len(ahead.candidates) == 3
+    assert ahead.metrics == fixed.metrics and ahead.n_train == fixed.n_train
+    torch.testing.assert_close(ahead.head.linear.weight, fixed.head.linear.weight)
