@@ -110,22 +110,20 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
                                 should_stop=should_stop)
 
     # 1-2. score every candidate on the training images; the first pass also finds unreadable files.
-    # Two helper threads, one loading the backbones in turn, one cross-validating each candidate,
-    # work while the feature workers run the next candidate: done in turn, all three would leave
-    # cores idle in between. (Two loaders were no faster: building a network is mostly Python.)
+    # A helper thread cross-validates each candidate while the feature workers run the next one.
+    # Backbones load in turn on this thread: loading one is mostly Python, and done on a thread of
+    # its own it held the interpreter against the feature workers (a rebuild in a new process was
+    # 12% slower that way, bench/bench_train.py).
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features = [], {}
     train_items = val_items = early_val = None
-    one_thread = dict(initializer=torch.set_num_threads, initargs=(1,))
-    with ThreadPoolExecutor(1, thread_name_prefix="load", **one_thread) as loader, \
-            ThreadPoolExecutor(1, thread_name_prefix="score", **one_thread) as helper:
-        loading = {name: loader.submit(_load_for_inference, name, device) for name in names}
+    with ThreadPoolExecutor(1, thread_name_prefix="score", initializer=torch.set_num_threads, initargs=(1,)) as helper:
         scoring = []
         for name in names:
             t0 = time.perf_counter()
             try:
-                loading[name].result()
+                _load_for_inference(name, device)
                 # The previous build's backbone usually stays (see TrainConfig.prefer): its views
                 # are made now, while the other candidates load and score, not after the choice.
                 feats = features_of(pool, name, policy.views if name == config.prefer else 0)
