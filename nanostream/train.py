@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -110,48 +109,43 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
                                 should_stop=should_stop)
 
     # 1-2. score every candidate on the training images; the first pass also finds unreadable files.
-    # A helper thread cross-validates each candidate while the feature workers run the next one.
-    # Backbones load in turn on this thread: loading one is mostly Python, and done on a thread of
-    # its own it held the interpreter against the feature workers (a rebuild in a new process was
-    # 12% slower that way, bench/bench_train.py).
+    # All on this thread, in turn. Loading a backbone and cross-validating are mostly Python: on
+    # helper threads they held the interpreter against the feature workers, and a rebuild in a new
+    # process took 10-20% longer (medians of 8 alternating runs each way).
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
-    candidates, pool_features = [], {}
+    candidates, pool_features, seconds = [], {}, {}
     train_items = val_items = early_val = None
-    with ThreadPoolExecutor(1, thread_name_prefix="score", initializer=torch.set_num_threads, initargs=(1,)) as helper:
-        scoring = []
-        for name in names:
-            t0 = time.perf_counter()
-            try:
-                _load_for_inference(name, device)
-                # The previous build's backbone usually stays (see TrainConfig.prefer): its views
-                # are made now, while the other candidates load and score, not after the choice.
-                feats = features_of(pool, name, policy.views if name == config.prefer else 0)
-            except backbones.BackboneUnavailable as exc:
-                candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
-                continue
-            if train_items is None:  # first usable backbone: drop unreadable files, then split
-                skipped += feats.failed
-                pool = [pool[i] for i in feats.kept]
-                feats = dataclasses.replace(feats, kept=list(range(len(pool))))
-                check_trainable(labels, pool)
-                if dataset.val:
-                    train_items, val_items = pool, list(dataset.val)
-                else:
-                    groups = near_duplicate_groups(pool)
-                    train_items, val_items = stratified_split(pool, config.val_fraction, config.seed, groups)
-            positions = {str(item.path): i for i, item in enumerate(pool)}
-            pool_features[name] = feats
-            x = feats.original[[positions[str(item.path)] for item in train_items]]
-            y = _targets(train_items, index_of)
-            score = (helper.submit(cross_val_accuracy, x, y, len(labels), seed=config.seed)
-                     if len(names) > 1 else None)
-            scoring.append((name, score, time.perf_counter() - t0))
-            if name == config.prefer and dataset.val:  # and its validation features, likewise
-                early_val = features_of(val_items, name, stage="validation")
-        candidates += [Candidate(name, score.result() if score else None, seconds,
-                                 backbones.get_spec(name).gflops) for name, score, seconds in scoring]
-        candidates.sort(key=lambda c: names.index(c.backbone))
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            _load_for_inference(name, device)
+            # The previous build's backbone usually stays (see TrainConfig.prefer): its views are
+            # made in its candidate pass, and its validation features just after, not after the choice.
+            feats = features_of(pool, name, policy.views if name == config.prefer else 0)
+        except backbones.BackboneUnavailable as exc:
+            candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
+            continue
+        if train_items is None:  # first usable backbone: drop unreadable files, then split
+            skipped += feats.failed
+            pool = [pool[i] for i in feats.kept]
+            feats = dataclasses.replace(feats, kept=list(range(len(pool))))
+            check_trainable(labels, pool)
+            if dataset.val:
+                train_items, val_items = pool, list(dataset.val)
+            else:
+                groups = near_duplicate_groups(pool)
+                train_items, val_items = stratified_split(pool, config.val_fraction, config.seed, groups)
+        pool_features[name], seconds[name] = feats, time.perf_counter() - t0
+        if name == config.prefer and dataset.val:
+            early_val = features_of(val_items, name, stage="validation")
+    positions = {str(item.path): i for i, item in enumerate(pool)}
+    train_rows = [positions[str(item.path)] for item in train_items] if train_items else []
+    for name, feats in pool_features.items():
+        score = (cross_val_accuracy(feats.original[train_rows], _targets(train_items, index_of), len(labels),
+                                    seed=config.seed) if len(names) > 1 else None)
+        candidates.append(Candidate(name, score, seconds[name], backbones.get_spec(name).gflops))
+    candidates.sort(key=lambda c: names.index(c.backbone))
     usable = [c for c in candidates if c.error is None]
     if not usable:
         raise backbones.BackboneUnavailable("; ".join(c.error for c in candidates))
@@ -166,9 +160,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     # 3. the winner's augmented views, the head, and its validation score
     made = pool_features[winner]
     if made.augmented.shape[1] == policy.views:  # views made in its candidate pass (prefer)
-        positions = {str(item.path): i for i, item in enumerate(pool)}
-        rows = [positions[str(item.path)] for item in train_items]
-        original, augmented = made.original[rows], made.augmented[rows]
+        original, augmented = made.original[train_rows], made.augmented[train_rows]
     else:
         made = features_of(train_items, winner, policy.views, stage="augmenting")
         original, augmented = made.original, made.augmented
