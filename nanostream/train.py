@@ -110,8 +110,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
 
     # 1-2. score every candidate on the training images; the first pass also finds unreadable files.
     # All on this thread, in turn. Loading a backbone and cross-validating are mostly Python: on
-    # helper threads they held the interpreter against the feature workers, and a rebuild in a new
-    # process took 10-20% longer (medians of 8 alternating runs each way).
+    # helper threads they held the interpreter against the feature workers: a rebuild in a new
+    # process took 12% longer for each (medians of 8 alternating runs each way).
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features, seconds = [], {}, {}
