@@ -68,10 +68,10 @@ class Classifier:
             missing, unexpected = network.load_state_dict(changed, strict=False)
             if unexpected:
                 raise BundleError(f"model has tensors its backbone lacks: {unexpected[:3]}")
-            self.network = network.eval()
+            self._finetuned = network.eval()
             self.backbone = for_inference(network, self.device, self.precision)
         else:
-            self.network = load_backbone(name)
+            self._finetuned = None  # module() takes the registry's network, loaded only if asked
             self.backbone = inference_backbone(name, str(self.device), self.precision)
         self.spec = self.backbone.spec
 
@@ -81,7 +81,8 @@ class Classifier:
 
     def module(self) -> ClassifierModel:
         """The whole model in fp32 with the backbone as trained (BatchNorm unfolded), for export."""
-        return ClassifierModel(self.network, self.head)
+        network = self._finetuned if self._finetuned is not None else load_backbone(self.meta["backbone"])
+        return ClassifierModel(network, self.head)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, S, S) in [0, 1], already resized and cropped -> (N, classes) on the CPU."""
