@@ -172,6 +172,9 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     device = device or default_device()
     mode = precision(device)
     spec = get_spec(backbone)
+    # Names the cache folder; here, not on both workers at once, and BackboneUnavailable is raised
+    # here when the weights cannot be had. The network itself loads only if features are missing.
+    weights_fingerprint(backbone)
     cache = cache if cache is not None else FeatureCache()
     views = views if policy is not None and not policy.is_identity else 0
     group = policy.key() if views else None

@@ -24,7 +24,6 @@ from .data import Dataset, LabeledImage, check_trainable, stratified_split
 from .device import default_device, precision
 from .features import FeatureCache, Features, extract_features
 from .head import Head, cross_val_accuracy, fit_head
-from .inference import inference_backbone
 from .metrics import classification_report
 
 StageProgress = Callable[[str, int, int], None]
@@ -109,9 +108,10 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
                                 should_stop=should_stop)
 
     # 1-2. score every candidate on the training images; the first pass also finds unreadable files.
-    # All on this thread, in turn. Loading a backbone and cross-validating are mostly Python: on
-    # helper threads they held the interpreter against the feature workers: a rebuild in a new
-    # process took 12% longer for each (medians of 8 alternating runs each way).
+    # All on this thread, in turn. Loading a backbone (extract_features does it, when features are
+    # missing) and cross-validating are mostly Python: on helper threads they held the interpreter
+    # against the feature workers, and a rebuild in a new process took 12% longer for each (medians
+    # of 8 alternating runs each way).
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features, seconds = [], {}, {}
@@ -119,7 +119,6 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     for name in names:
         t0 = time.perf_counter()
         try:
-            _load_for_inference(name, device)
             # The previous build's backbone usually stays (see TrainConfig.prefer): its views are
             # made in its candidate pass, and its validation features just after, not after the choice.
             feats = features_of(pool, name, policy.views if name == config.prefer else 0)
@@ -203,12 +202,6 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
         metrics=metrics, candidates=candidates, n_train=len(train_items), n_val=len(val_items),
         seconds=time.perf_counter() - started, data_fingerprint=_fingerprint(pool_features[winner], pool),
         precision=precision(device), skipped=skipped, finetune_metrics=finetune_metrics)
-
-
-def _load_for_inference(name: str, device: torch.device) -> None:
-    """Load a backbone into the caches extract_features reads (BackboneUnavailable if it can't)."""
-    inference_backbone(name, str(device), precision(device))
-    backbones.weights_fingerprint(name)
 
 
 def near_duplicate_groups(items: list[LabeledImage]) -> dict[str, str]:

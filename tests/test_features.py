@@ -75,8 +75,15 @@ def test_unchanged_files_are_not_read_again_and_changed_ones_are(photos, tmp_pat
     extract_features(photos, "efficientnet_lite0", cache=cache)
     reads = []
     monkeypatch.setattr(features, "_read", lambda source: reads.append(source) or source.read_bytes())
+    load = features.inference_backbone
+
+    def not_needed(*_):
+        raise AssertionError("the network was loaded though every feature was cached")
+
+    monkeypatch.setattr(features, "inference_backbone", not_needed)
     again = extract_features(photos, "efficientnet_lite0", cache=cache)
     assert again.computed == 0 and reads == []  # hashes remembered, features cached: no file opened
+    monkeypatch.setattr(features, "inference_backbone", load)
     target = photos[0]
     target.write_bytes(photos[1].read_bytes() + b"trailer")  # other content under the same name
     changed = extract_features(photos, "efficientnet_lite0", cache=cache)
