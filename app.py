@@ -9,7 +9,7 @@ import os
 
 import streamlit as st
 
-from nanostream import ui
+from nanostream import jobs, ui
 from nanostream.sample import ensure_sample_project
 
 st.set_page_config(page_title="NanoStream", page_icon=":material/neurology:", layout="wide")
@@ -26,9 +26,12 @@ STEPS = [
 
 
 @st.cache_resource
-def _sample_ready(root: str) -> bool:
-    """Once per app process and store: the sample project on first launch."""
-    ensure_sample_project(ui.open_store())
+def _app_ready(root: str) -> bool:
+    """Once per app process and store: the sample project on first launch, and a warm worker
+    waiting for the first build (it saves that build ~3 s of imports and loading)."""
+    store = ui.open_store()
+    ensure_sample_project(store)
+    jobs.warm_up(store)
     return True
 
 
@@ -59,7 +62,7 @@ if os.environ.get("NANOSTREAM_DEMO_ONLY") == "1":
     st.navigation([DEMO], position="hidden").run()
     st.stop()
 
-_sample_ready(str(ui.open_store().root))
+_app_ready(str(ui.open_store().root))
 # A demo link (/demo?model=...) shows no navigation: the person holding it sees the model only.
 page = st.navigation({"NanoStream": [*STEPS, DEMO]}, position="hidden" if "model" in st.query_params else "sidebar")
 if page.url_path != "demo":

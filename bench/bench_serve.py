@@ -231,6 +231,9 @@ def main() -> None:
         import torch
 
         from nanostream import keys
+        from nanostream.device import machine_summary
+
+        print(machine_summary(), flush=True)
 
         t0 = time.perf_counter()
         model_id = train_model(home, args.per_class)

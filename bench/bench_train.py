@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ from torchvision import transforms  # noqa: E402
 
 from nanostream import backbones  # noqa: E402
 from nanostream.data import scan_folder  # noqa: E402
+from nanostream.device import machine_summary  # noqa: E402
 from nanostream.features import FeatureCache  # noqa: E402
 from nanostream.images import load_image  # noqa: E402
 from nanostream.paths import datasets_dir  # noqa: E402
@@ -242,22 +244,88 @@ def single_image_latency(model_id: str, photo: Path, repeats: int = 41) -> tuple
     return tuple(sorted(spent)[repeats // 2] for spent in times.values())
 
 
+def app_builds(work: Path, warm: bool) -> dict:
+    """The Build page's path on the bundled sample project: start_build to the finished job
+    (worker start, imports, training, saving, learning-curve advice), in a new store. Then a
+    rebuild after fixing a few photos (two moved to the other category, one deleted).
+
+    warm: the app's warm worker (standby.py), started as the app starts it and waited for, as a
+    user reading the page for a few seconds would; otherwise every job starts a fresh process."""
+    from nanostream import jobs, standby
+    from nanostream.sample import SAMPLE_NAME, ensure_sample_project
+    from nanostream.store import FINISHED, Store
+
+    home = work / f"home-app-{'warm' if warm else 'cold'}"
+    saved = dict(os.environ)
+    os.environ.update(NANOSTREAM_HOME=str(home), NANOSTREAM_WARM_WORKER="1" if warm else "0")
+    figures = {}
+    try:
+        with Store(home / "store") as store:
+            ensure_sample_project(store)
+
+            def build(label: str) -> None:
+                if warm:
+                    started = time.perf_counter()
+                    jobs.warm_up(store)
+                    process = standby._current[1]
+                    while not standby.ready_path(process.pid).is_file():
+                        time.sleep(0.05)
+                    figures[f"{label}_warm_up_seconds"] = time.perf_counter() - started
+                started = time.perf_counter()
+                job_id = jobs.start_build(store, SAMPLE_NAME, TrainConfig())
+                while (job := store.get_job(job_id)).status not in FINISHED:
+                    time.sleep(0.02)
+                    jobs.reap(store)
+                figures[f"{label}_seconds"] = time.perf_counter() - started
+                if job.status != "done":
+                    raise SystemExit(f"{label} build {job.status}: {job.error}")
+                figures[f"{label}_accuracy"] = job.result["accuracy"]
+                figures[f"{label}_train_seconds"] = job.result["seconds"]
+
+            build("first")
+            ants = [r.id for r in store.list_images(SAMPLE_NAME) if r.category == "ants"]
+            store.move_images(SAMPLE_NAME, ants[:2], "bees")
+            store.delete_images(SAMPLE_NAME, ants[2:3])
+            build("rebuild")
+            standby.stop()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="skip the 1,000-image memory run")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--datasets", default="hymenoptera,flowers", type=lambda v: v.split(","))
     parser.add_argument("--repeats", type=int, default=3, help="first builds and rebuilds per set (medians are reported)")
+    parser.add_argument("--no-app", dest="app", action="store_false", help="skip the app's path on the sample project")
+    parser.add_argument("--app-only", action="store_true", help="only the app's path on the sample project")
     parser.add_argument("--child", nargs=2, metavar=("DATA", "CACHE"), help=argparse.SUPPRESS)
     parser.add_argument("--prefer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child_build(Path(args.child[0]), Path(args.child[1]), args.prefer)
+    print(machine_summary(), flush=True)
     root = datasets_dir()
     work = Path(tempfile.mkdtemp(prefix="nanostream-bench-"))
+    if args.app:
+        for warm in (True, False):
+            runs = [app_builds(work / f"app-{i}", warm) for i in range(args.repeats)]
+            middle = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            figures = {"warm" if warm else "cold": middle}
+            print(f"app, sample project ({'warm worker' if warm else 'a new worker per job'}), medians of "
+                  f"{args.repeats}: first build {middle['first_seconds']:.1f} s (training {middle['first_train_seconds']:.1f}), "
+                  f"rebuild after fixing 3 photos {middle['rebuild_seconds']:.1f} s "
+                  f"(training {middle['rebuild_train_seconds']:.1f})"
+                  + (f"; the worker was warm {middle['first_warm_up_seconds']:.1f} s after the app started, "
+                     f"{middle['rebuild_warm_up_seconds']:.1f} s after the first build" if warm else ""), flush=True)
+            print(json.dumps(figures), flush=True)
+        if args.app_only:
+            return
     os.environ["NANOSTREAM_HOME"] = str(work / "home")  # the children's too
     sets = make_sets(root, work, args.per_class)
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     figures = {}
     print(f"\n{'dataset':<12} {'backbone':<19} {'NanoStream acc':>14} {'s':>7} {'baseline acc':>12} {'s':>7} "
           f"{'speedup':>8} {'rebuild s':>9} {'rebuild x':>9}", flush=True)

@@ -16,6 +16,9 @@ import pytest
 os.environ["NANOSTREAM_HOME"] = tempfile.mkdtemp(prefix="nanostream-test-home-")
 # Two CPU cores: without this each test process would also start extra interop threads.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# No warm worker behind every test that starts a job: each would import torch on the 2 cores the
+# tests run on. tests/test_standby.py turns it on where it is the point.
+os.environ["NANOSTREAM_WARM_WORKER"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,19 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
-from nanostream import backbones, inference
+from nanostream import backbones, device, inference
 from nanostream.backbones import Backbone, get_spec, load_backbone, prepare_image, weights_fingerprint
+from nanostream.device import CpuInfo, cpu_info, precision
 from nanostream.images import load_image
 from nanostream.inference import (ConvClamp, fold_batchnorm, for_inference, fuse_clamps, inference_backbone,
                                   prepared_path, same_padding_plan, unpad_same_convs)
+
+
+CPU = torch.device("cpu")
+# What the product runs on this machine: bf16 on AVX512-BF16/AMX, fp32 elsewhere (AVX2 laptops and
+# VMs, where torch's bf16 convolution refuses to run). The tests below check whichever path it is.
+CHOSEN = precision(CPU)
+CHOSEN_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}[CHOSEN]
 
 
 def photos(datasets, spec, n=3):
@@ -29,17 +37,45 @@ def test_rewritten_backbone_gives_the_original_features_on_real_photos(datasets)
     with torch.inference_mode():
         reference, features = original(x), fast(x)
     torch.testing.assert_close(features, reference, rtol=1e-3, atol=1e-3)
-    bf16 = for_inference(original, "cpu", "bf16")
+    chosen = for_inference(original, "cpu", CHOSEN)
     with torch.inference_mode():
-        rounded = bf16(x).float()
-    assert rounded.dtype == torch.float32 and next(bf16.body.parameters()).dtype == torch.bfloat16
-    assert nn.functional.cosine_similarity(rounded, reference).min() > 0.99
+        rounded = chosen(x).float()
+    assert next(chosen.body.parameters()).dtype == CHOSEN_DTYPE
+    if CHOSEN == "bf16":  # bf16 weights round the features, but not what they say
+        assert nn.functional.cosine_similarity(rounded, reference).min() > 0.99
+    else:
+        torch.testing.assert_close(rounded, reference, rtol=1e-3, atol=1e-3)
+
+
+def test_precision_is_bf16_exactly_where_the_cpu_runs_it_natively(monkeypatch):
+    monkeypatch.delenv("NANOSTREAM_PRECISION", raising=False)
+    here = cpu_info()
+    assert precision(CPU) == ("bf16" if here.native_bf16 else "fp32")
+    assert here.native_bf16 <= here.bf16_kernels  # never bf16 where torch cannot run it
+    assert here.model in here.describe() and ("bf16 kernels yes" in here.describe()) == here.bf16_kernels
+
+
+def test_a_cpu_without_bf16_kernels_gets_fp32_even_when_bf16_is_asked_for(monkeypatch, caplog):
+    avx2 = CpuInfo("AMD EPYC 7B13", frozenset({"avx", "avx2", "fma"}), bf16_kernels=False)
+    monkeypatch.setattr(device, "cpu_info", lambda: avx2)
+    monkeypatch.delenv("NANOSTREAM_PRECISION", raising=False)
+    assert precision(CPU) == "fp32"
+    assert avx2.describe() == "AMD EPYC 7B13; AVX2; bf16 kernels no"
+    monkeypatch.setenv("NANOSTREAM_PRECISION", "bf16")
+    with caplog.at_level("WARNING", logger="nanostream.device"):
+        assert precision(CPU) == "fp32"
+    assert "NANOSTREAM_PRECISION=bf16 ignored" in caplog.text and "AMD EPYC 7B13" in caplog.text
+    # AVX-512 without BF16 (Skylake-X, Cascade Lake): bf16 runs there, emulated and slower, so fp32
+    emulated = CpuInfo("Intel Xeon Gold 6148", frozenset({"avx2", "avx512f"}), bf16_kernels=True)
+    monkeypatch.setattr(device, "cpu_info", lambda: emulated)
+    monkeypatch.delenv("NANOSTREAM_PRECISION")
+    assert precision(CPU) == "fp32"
 
 
 def test_rewrites_leave_the_original_untouched():
     original = load_backbone("efficientnet_lite0")
     before = {k: v.clone() for k, v in original.state_dict().items()}
-    for_inference(original, "cpu", "bf16")
+    for_inference(original, "cpu", CHOSEN)
     after = original.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -100,6 +136,12 @@ def test_conv_clamp_equals_the_convolution_then_relu6(dtype):
     conv = holder[0].conv
     x = (torch.randn(2, 8, 15, 15) * 4).to(dtype).contiguous(memory_format=torch.channels_last)
     holder.to(dtype)
+    if dtype == torch.bfloat16 and not cpu_info().bf16_kernels:
+        # Why the product never runs bf16 here: torch refuses it on CPUs without AVX-512 (or AVX-NE-CONVERT)
+        assert CHOSEN == "fp32"
+        with pytest.raises(RuntimeError, match="bf16"), torch.inference_mode():
+            holder(x)
+        return
     with torch.inference_mode():
         expected = nn.functional.relu6(conv(x))
         torch.testing.assert_close(holder(x), expected)
@@ -119,8 +161,9 @@ def fresh_home(tmp_path, monkeypatch):
 
 def test_prepared_copy_is_kept_on_disk_and_read_back_without_the_original(fresh_home, monkeypatch):
     name = "efficientnet_lite0"
-    first = inference_backbone(name, "cpu", "bf16")
-    kept = prepared_path(name, "bf16")
+    first = inference_backbone(name, "cpu", CHOSEN)
+    kept = prepared_path(name, CHOSEN)
+    assert next(first.body.parameters()).dtype == CHOSEN_DTYPE and first.body_dtype == CHOSEN_DTYPE
     assert kept.is_file() and first.rewrites == ("fold_batchnorm", "unpad_same_convs", "fuse_clamps")
     assert len(first.same_padding) == 5  # the stem and four stride-2 depthwise layers
     inference_backbone.cache_clear()
@@ -128,7 +171,8 @@ def test_prepared_copy_is_kept_on_disk_and_read_back_without_the_original(fresh_
     def no_original(*_):
         raise AssertionError("the original network was loaded again")
     monkeypatch.setattr(inference, "load_backbone", no_original)
-    again = inference_backbone(name, "cpu", "bf16")
+    again = inference_backbone(name, "cpu", CHOSEN)
+    assert next(again.body.parameters()).dtype == CHOSEN_DTYPE
     assert again is not first and again.rewrites == first.rewrites
     assert sum(isinstance(m, ConvClamp) for m in again.modules()) == sum(isinstance(m, ConvClamp) for m in first.modules())
     assert all(not p.requires_grad for p in again.parameters())

@@ -1,0 +1,62 @@
+"""The warm worker: a job handed to it runs as a fresh worker's would, and the next one is warmed."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from nanostream import jobs, standby
+from nanostream.store import FINISHED, Store
+
+
+@pytest.fixture()
+def warm_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSTREAM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(standby.DISABLE_ENV, "1")
+    with Store(tmp_path / "home" / "store") as store:
+        yield store
+    standby.stop()
+
+
+def wait_for(predicate, seconds=90.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s")
+
+
+def test_a_job_handed_to_the_warm_worker_runs_there_and_the_next_one_is_warmed(warm_store):
+    store = warm_store
+    store.create_project("p", ["a", "b"])
+    jobs.warm_up(store)
+    first = standby._current[1]
+    wait_for(lambda: standby.ready_path(first.pid).is_file())  # imported and loaded: waiting on stdin
+    job = store.create_job("p", "nosuchkind", {})  # the worker reports an unknown kind: no training needed
+    jobs._launch(store, job.id)
+    assert int(jobs._pid_path(job.id).read_text()) == first.pid  # the warm process took it
+    assert standby._current is None  # nothing waits while the job runs: it would take its CPU
+    done = wait_for(lambda: (j := store.get_job(job.id)).status in FINISHED and j)
+    assert done.status == "failed" and "unknown job kind 'nosuchkind'" in done.error
+    assert first.wait(30) == 1 and not standby.ready_path(first.pid).exists()
+    jobs.reap(store)  # the page's poll notices the worker ended, and warms the next one
+    second = standby._current[1]
+    assert second.pid != first.pid and second.poll() is None
+
+
+def test_a_standby_for_another_environment_is_replaced_not_used(warm_store, monkeypatch, tmp_path):
+    store = warm_store
+    jobs.warm_up(store)
+    old = standby._current[1]
+    monkeypatch.setenv("NANOSTREAM_HOME", str(tmp_path / "elsewhere"))
+    assert standby.hand_over(store.root, jobs._worker_env(), "some-job") is None  # not started for this home
+    jobs.warm_up(store)
+    assert old.wait(10) is not None and standby._current[1] is not old
+
+
+def test_off_means_no_standby(tmp_path, monkeypatch):
+    monkeypatch.setenv(standby.DISABLE_ENV, "0")
+    assert standby.warm_up(tmp_path, dict(os.environ)) is None and standby._current is None
