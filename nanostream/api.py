@@ -5,15 +5,28 @@ model needs an API key from `nanostream keys create`, sent as `Authorization: Be
 Images arrive as multipart uploads or as URLs fetched by the safe downloader; handlers decode
 and prepare them in the thread pool, and concurrent requests for one model share forward
 passes through a MicroBatcher. Every refusal is JSON `{"error": "..."}` with a 4xx status.
+
+Hostile callers are bounded three ways. Callers without a key get a token bucket per address
+(429 with Retry-After once it is empty). A request's images may decode to at most
+max_request_pixels in all, counted from their headers before anything is decoded (413). And
+one client's requests decode one at a time (decodes_per_client), so that a caller with many
+requests in flight holds one decoding thread and the others stay free for everyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import ipaddress
 import json
+import logging
+import math
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +37,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -33,12 +47,14 @@ from . import __version__
 from .backbones import BackboneUnavailable
 from .batching import BatchConfig, BatcherClosed, MicroBatcher
 from .bundle import BundleError, read_bundle
-from .download import DownloadLimits, fetch_images
+from .download import MAX_URL_CHARS, DownloadLimits, FetchFailure, clip_input, fetch_outcome
 from .images import BadImage
 from .keys import ApiKey, find_key
-from .models import list_models, model_path
+from .models import model_path, read_registered, scan_models
 
 UPLOAD_FIELD = "file"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,18 @@ class ServeConfig:
     max_request_bytes: int = 50_000_000  # bounds memory per request (32 files at the per-file cap would be 320 MB)
     max_loaded_models: int = 4           # each holds its batcher thread (and a GPU copy of its backbone)
     decode_workers: int = os.cpu_count() or 1  # decoding is CPU-bound: more at once only adds memory
+    decodes_per_client: int = 1          # one client's requests decode in turn: it cannot hold every decode thread
+    # PNG decodes at ~11 ms of CPU per megapixel (JPEG at a reduced scale, far less): the cap is
+    # ~1 s of CPU, and 32 full-HD screenshots (66 MP) or 32 phone photos (JPEG, ~6 MP decoded) fit.
+    max_request_pixels: int = 100_000_000
+    anonymous_per_minute: float = 60     # predictions per address without a key: a demo visitor sends a few
+    anonymous_burst: int = 10            # at once: a page that sends its photos one request each
+    # URL fetches run on threads of their own, never the request threads: a slow server can hold
+    # its fetch (up to fetch_deadline) but not uploads or /healthz.
+    fetch_workers: int = 16              # they wait on the network, not the CPU; a flood queues here
+    fetch_per_request: int = 4           # one request's URLs at a time: a 32-URL request leaves room for others
+    fetch_per_client: int = 8            # fetches in flight per client address; a request past that gets 429
+    fetch_deadline: float = 30.0         # one URL, connect to last byte (DownloadLimits.deadline)
 
 
 # ---------------------------------------------------------------- errors
@@ -156,6 +184,10 @@ class Service:
         self._load_lock = threading.Lock()  # one load at a time: two first requests share one copy
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self.decode_slots = threading.BoundedSemaphore(max(1, config.decode_workers))
+        self.decode_turns = DecodeTurns(config.decodes_per_client)
+        self.anonymous = RateLimiter(config.anonymous_per_minute, config.anonymous_burst)
+        self.fetch_pool = ThreadPoolExecutor(max(1, config.fetch_workers), thread_name_prefix="url-fetch")
+        self.fetching: Counter[str] = Counter()  # fetch slots held per client address (event loop only)
 
     def store(self):
         from .store import Store
@@ -169,32 +201,45 @@ class Service:
         return {record.model_id for record in self.store().published_models()}
 
     def bundle_path(self, model_id: str) -> Path | None:
-        """The model's bundle: the registry's file, else the one the store recorded. Never a user path."""
+        """The model's bundle: the registry's file, else the one the store recorded. Never a user path.
+
+        None also for a file that is not a sound bundle of this id (the server log says why):
+        to callers such a model does not exist, and one bad file never fails a request.
+        """
         from .store import StoreError
 
         try:
             path = model_path(model_id)  # refuses anything but a well-formed id
         except BundleError:
             return None
-        if path.is_file():
-            return path
+        if not path.is_file():
+            try:
+                path = Path(self.store().get_model(model_id).bundle_path)
+            except StoreError:
+                return None
+            if not path.is_file():
+                return None
         try:
-            recorded = Path(self.store().get_model(model_id).bundle_path)
-        except StoreError:
+            read_registered(model_id, path)  # a few KB: the header only
+        except BundleError as exc:
+            log.warning("model %s left out: %s is not a sound model file (%s)", model_id, path, exc)
             return None
-        return recorded if recorded.is_file() else None
+        return path
 
     def catalogue(self) -> list[dict]:
-        """Headers of every model this server can run, newest first."""
-        metas = list_models()
-        known = {m["model_id"] for m in metas}
+        """Headers of every model this server can run, newest first; unreadable files are left out and logged."""
+        metas, unreadable = scan_models()
+        for bad in unreadable:
+            log.warning("model list leaves out %s: %s (`nanostream models --check` lists such files)",
+                        bad.path, bad.reason)
+        known = {m["model_id"] for m in metas} | {bad.name for bad in unreadable}
         for record in self.store().list_models():
             if record.model_id not in known and (path := self.bundle_path(record.model_id)):
                 try:
-                    metas.append(read_bundle(path, with_tensors=False)[0])
-                except BundleError:
+                    metas.append(read_registered(record.model_id, path).meta)
+                except BundleError:  # changed since bundle_path read it a moment ago
                     continue
-        return sorted(metas, key=lambda m: m.get("created_at", ""), reverse=True)
+        return sorted(metas, key=lambda m: m["created_at"], reverse=True)
 
     def load(self, path: Path) -> LoadedModel:
         """The classifier for a bundle and its batcher (one per model); blocking."""
@@ -240,6 +285,98 @@ class Service:
                 entry.batcher.close()
         if store is not None:
             store.close()
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)  # running fetches end by their deadline
+
+
+# ---------------------------------------------------------------- per-client budgets
+
+def client_id(request: Request, key: ApiKey | None) -> str:
+    """Whose budget a request spends: its key's, else its address's.
+
+    An IPv6 address counts by its /64, the block one host is usually given: a caller could
+    otherwise take a fresh address, and so a fresh budget, for every request.
+    """
+    if key is not None:
+        return f"key {key.name}"
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # no address: a unix socket, or the test client
+        return f"address {host or 'unknown'}"
+    if address.version == 6 and address.ipv4_mapped is not None:  # ::ffff:1.2.3.4 is the IPv4 caller 1.2.3.4
+        address = address.ipv4_mapped
+    if address.version == 6:
+        return f"address {ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return f"address {address}"
+
+
+class RateLimiter:
+    """A token bucket per client: `burst` requests at once, refilled at `per_minute`.
+
+    Used from the event loop only, so it needs no lock. Past max_clients the client seen longest
+    ago is forgotten, which only gives it a full bucket back: memory stays bounded under a flood
+    of addresses.
+    """
+
+    def __init__(self, per_minute: float, burst: int, max_clients: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.per_second, self.burst = per_minute / 60, max(1, burst)
+        self.max_clients, self.clock = max_clients, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
+
+    def wait(self, client: str) -> float:
+        """Spends a token of this client's: 0.0 if it had one, else the seconds until it will."""
+        now = self.clock()
+        tokens, at = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.per_second)
+        admitted = tokens >= 1
+        self._buckets[client] = (tokens - 1 if admitted else tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return 0.0 if admitted else (1 - tokens) / self.per_second
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    decoding: int   # requests decoding their images (a few may wait for a free decode thread)
+    queued: int     # requests waiting for their own client's earlier ones to finish decoding
+
+
+class DecodeTurns:
+    """At most `per_client` requests of one client decode at once; its others queue for a turn.
+
+    They queue in the event loop, holding no thread of the pool, so however many requests a
+    client has in flight it holds `per_client` decode threads at most. Event loop only.
+    """
+
+    def __init__(self, per_client: int):
+        self.per_client = max(1, per_client)
+        self._clients: dict[str, tuple[asyncio.Semaphore, int]] = {}  # client -> (its turns, requests in)
+        self._decoding = self._queued = 0
+
+    def load(self) -> DecodeLoad:
+        return DecodeLoad(self._decoding, self._queued)
+
+    @asynccontextmanager
+    async def turn(self, client: str):
+        turns, users = self._clients.get(client) or (asyncio.Semaphore(self.per_client), 0)
+        self._clients[client] = (turns, users + 1)
+        try:
+            self._queued += 1
+            try:
+                await turns.acquire()
+            finally:
+                self._queued -= 1
+            self._decoding += 1
+            try:
+                yield
+            finally:
+                self._decoding -= 1
+                turns.release()
+        finally:
+            turns, users = self._clients.pop(client)
+            if users > 1:
+                self._clients[client] = (turns, users - 1)
 
 
 # ---------------------------------------------------------------- request size limit
@@ -274,7 +411,11 @@ class BodyLimit:
 # ---------------------------------------------------------------- reading images from a request
 
 async def _uploads(request: Request, config: ServeConfig) -> list[tuple[str, bytes]]:
-    form = await request.form()
+    try:
+        form = await request.form()
+    except StarletteHTTPException as exc:  # starlette's 400 for a body python-multipart cannot parse
+        raise ApiError(422, f"malformed multipart body ({str(exc.detail).rstrip('.')}): send one or more "
+                            f"files in the multipart field '{UPLOAD_FIELD}'") from None
     try:
         parts = form.getlist(UPLOAD_FIELD)
         if not parts:
@@ -308,13 +449,35 @@ async def _fetched(request: Request, config: ServeConfig) -> list[tuple[str, byt
         raise ApiError(422, usage)
     if len(urls) > config.max_images:
         raise ApiError(413, f"too many images: {len(urls)} (at most {config.max_images} per request)")
-    limits = DownloadLimits(max_bytes=config.max_file_bytes)
-    report = await run_in_threadpool(fetch_images, urls, limits)
-    if report.failed:
-        failed = [{"url": f.url, "reason": f.reason} for f in report.failed]
+    if too_long := next((i for i, u in enumerate(urls, start=1) if len(u) > MAX_URL_CHARS), None):
+        raise ApiError(422, f"URL {too_long} is longer than {MAX_URL_CHARS:,} characters")
+    service: Service = request.app.state.service
+    client = client_id(request, None)  # by address (an IPv6 caller by its /64), with a key or without
+    width = min(len(urls), config.fetch_per_request, config.fetch_per_client)
+    if service.fetching[client] + width > config.fetch_per_client:  # no await until +=: nothing slips in between
+        raise ApiError(429, f"too many URL fetches in flight from your address (at most "
+                            f"{config.fetch_per_client}): wait for your other requests to finish",
+                       {"Retry-After": str(math.ceil(config.fetch_deadline))})  # by then its running fetches have ended
+    service.fetching[client] += width
+    limits = DownloadLimits(max_bytes=config.max_file_bytes, deadline=config.fetch_deadline)
+    slots = asyncio.Semaphore(width)
+    loop = asyncio.get_running_loop()
+
+    async def fetch(url: str):
+        async with slots:
+            return await loop.run_in_executor(service.fetch_pool, fetch_outcome, url, limits)
+
+    try:
+        results = await asyncio.gather(*map(fetch, urls))
+    finally:
+        service.fetching[client] -= width
+        if not service.fetching[client]:
+            del service.fetching[client]
+    failed = [{"url": clip_input(r.url), "reason": r.reason} for r in results if isinstance(r, FetchFailure)]
+    if failed:
         raise ApiError(422, f"could not fetch {len(failed)} of {len(urls)} URLs "
                             f"(first: {failed[0]['url']}: {failed[0]['reason']})", failed=failed)
-    return [(f.url, f.data) for f in report.fetched]  # all succeeded, so in input order
+    return [(clip_input(r.url), r.data) for r in results]
 
 
 async def read_images(request: Request, config: ServeConfig) -> list[tuple[str, bytes]]:
@@ -336,13 +499,38 @@ def prepare_all(classifier, items: list[tuple[str, bytes]], slots: threading.Sem
             with slots:  # one decoded full-size picture per slot in memory at a time
                 tensors.append(classifier.prepare(data))
         except BadImage as exc:
-            raise ApiError(415, f"image {i} ({name}): {exc}") from None
+            raise ApiError(415, f"{clip_input(name)}: {exc}") from None  # the CLI's sentence too
     return torch.stack(tensors)
+
+
+def decoded_pixels(data: bytes, draft_size: int | None) -> int:
+    """The pixels images.decode_image will decode from these bytes, read from the header alone.
+
+    0 for bytes it refuses before decoding (not an image, too many pixels): it says why then.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))  # decode_image's reduced scale; sets the size only
+            return image.width * image.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return 0
+
+
+def check_pixels(items: list[tuple[str, bytes]], draft_size: int | None, budget: int) -> None:
+    """413 for a request whose images would decode to more than `budget` pixels in all."""
+    total = sum(decoded_pixels(data, draft_size) for _, data in items)
+    if total > budget:
+        raise ApiError(413, f"the images would decode to {total:,} pixels, more than the {budget:,} "
+                            f"allowed per request: send fewer or smaller images")
 
 
 def load_and_prepare(service: Service, model_id: str, path: Path,
                      items: list[tuple[str, bytes]]) -> tuple[LoadedModel, torch.Tensor]:
-    """The model and the request's input batch: one trip to the thread pool for both."""
+    """The model and the request's input batch: one trip to the thread pool for both.
+
+    Pixels are counted once the model is known: a JPEG decodes at its draft size.
+    """
     try:
         loaded = service.load(path)
     except (BundleError, BackboneUnavailable) as exc:  # the server's problem, not the request's
@@ -352,6 +540,7 @@ def load_and_prepare(service: Service, model_id: str, path: Path,
         # (to_tensor) cost ~1.4 ms of CPU per image on two intra-op threads, ~0.2 ms on one.
         # Without batching this thread also runs the forward pass: torch's default stays.
         torch.set_num_threads(1)
+    check_pixels(items, loaded.classifier.spec.resize_size, service.config.max_request_pixels)
     return loaded, prepare_all(loaded.classifier, items, service.decode_slots)
 
 
@@ -368,29 +557,50 @@ def to_predictions(labels: list[str], probs: torch.Tensor) -> list[dict]:
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `nanostream keys create`")
 
-_ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in {
+def _documented(errors: dict[int, str]) -> dict:
+    return {status: {"model": ErrorBody, "description": text} for status, text in errors.items()}
+
+
+_ERRORS = _documented({
     401: "no API key (the model is not published), or an invalid one",
     403: "the API key was revoked",
     404: "no such model",
-}.items()}
-_PREDICT_ERRORS = {**_ERRORS, **{status: {"model": ErrorBody, "description": text} for status, text in {
-    413: "too many images, a file over the per-file limit, or a body over the request limit",
+})
+_PREDICT_ERRORS = {**_ERRORS, **_documented({
+    413: "too many images, a file over the per-file limit, a body over the request limit, or images "
+         "that would decode to more pixels than a request may",
     415: "a file is not a readable image, or the body is neither multipart nor JSON",
-    422: "no images, malformed JSON, or a URL the downloader refused or could not fetch",
+    422: "no images, a malformed multipart or JSON body, or a URL the downloader refused or could not fetch",
     503: "the model file cannot be loaded on this server",
-}.items()}}
+}), 429: {
+    "model": ErrorBody,
+    "description": "too many requests without an API key from one address (Retry-After says when to try "
+                   "again), or too many URL fetches in flight from it",
+    "headers": {"Retry-After": {"description": "seconds until the address may send its next request without a key",
+                                "schema": {"type": "integer", "minimum": 1}}},
+}}
 
-_PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {
-        "type": "object", "required": [UPLOAD_FIELD],
-        "properties": {UPLOAD_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
-                                      "description": "one or more images (repeat the field)"}}}},
-    "application/json": {"schema": {
-        "type": "object", "required": ["urls"],
-        "properties": {"urls": {"type": "array", "items": {"type": "string", "format": "uri"},
-                                "description": "public http(s) image URLs, fetched by the server"}}},
-        "example": {"urls": ["https://example.com/ant.jpg"]}},
-}}}
+# FastAPI derives a required bearer key from Depends(bearer) and appends this to it: a key, or
+# none at all, since published models are open to anyone.
+_KEY_OPTIONAL = {"security": [{}]}
+
+
+def _predict_body(max_images: int) -> dict:
+    """The predict route's request body for the OpenAPI document: the handler reads the body itself."""
+    def images(items: dict, description: str) -> dict:
+        return {"type": "array", "items": items, "minItems": 1, "maxItems": max_images, "description": description}
+
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": [UPLOAD_FIELD],
+            "properties": {UPLOAD_FIELD: images({"type": "string", "format": "binary"},
+                                                "one or more images (repeat the field)")}}},
+        "application/json": {"schema": {
+            "type": "object", "required": ["urls"],
+            "properties": {"urls": images({"type": "string", "format": "uri"},
+                                          "public http(s) image URLs, fetched by the server")}},
+            "example": {"urls": ["https://example.com/ant.jpg"]}},
+    }}}
 
 
 def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
@@ -447,30 +657,42 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
 
         batches = {model_id: asdict(b.stats) for model_id, b in service.batchers().items()}
         return {"status": "ok", "version": __version__, "device": str(default_device()),
-                "batching": config.batching, "batches": batches}
+                "batching": config.batching, "batches": batches, "decodes": asdict(service.decode_turns.load())}
 
     @app.get("/v1/models", response_model=ModelList, responses={k: _ERRORS[k] for k in (401, 403)},
+             openapi_extra=_KEY_OPTIONAL,
              summary="models you may use: published ones, or all of them with an API key")
     def models(key: ApiKey | None = Depends(caller)):
         published = service.published_ids()
         metas = [m for m in service.catalogue() if key is not None or m["model_id"] in published]
         return {"models": [model_info(m, m["model_id"] in published) for m in metas]}
 
-    @app.get("/v1/models/{model_id}", response_model=ModelInfo, responses=_ERRORS, summary="one model")
+    @app.get("/v1/models/{model_id}", response_model=ModelInfo, responses=_ERRORS, openapi_extra=_KEY_OPTIONAL,
+             summary="one model")
     def model(model_id: str, key: ApiKey | None = Depends(caller)):
         path = authorized_bundle(model_id, key)
         meta = read_bundle(path, with_tensors=False)[0]
         return model_info(meta, model_id in service.published_ids())
 
     @app.post("/v1/models/{model_id}/predict", response_model=PredictResponse, responses=_PREDICT_ERRORS,
-              openapi_extra=_PREDICT_BODY,
+              openapi_extra={**_predict_body(config.max_images), **_KEY_OPTIONAL},
               summary="classify images: multipart files (field 'file', repeatable) or JSON {\"urls\": [...]}")
     async def predict(model_id: str, request: Request,
                       credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        # the key check (a file read) and the model lookup in one trip to the thread pool
-        path = await run_in_threadpool(lambda: authorized_bundle(model_id, caller(request, credentials)))
+        def authorize() -> tuple[ApiKey | None, Path]:  # the key check (a file read) and the model lookup
+            key = caller(request, credentials)
+            return key, authorized_bundle(model_id, key)
+
+        key, path = await run_in_threadpool(authorize)  # one trip to the thread pool for both
+        client = client_id(request, key)
+        if key is None and (wait := service.anonymous.wait(client)):
+            retry = math.ceil(wait)
+            raise ApiError(429, f"too many requests without an API key from your address: at most "
+                                f"{config.anonymous_burst} at once and {config.anonymous_per_minute:g} a minute; "
+                                f"try again in {retry} s", {"Retry-After": str(retry)})
         items = await read_images(request, config)
-        loaded, x = await run_in_threadpool(load_and_prepare, service, model_id, path, items)
+        async with service.decode_turns.turn(client):
+            loaded, x = await run_in_threadpool(load_and_prepare, service, model_id, path, items)
         probs = await loaded.probabilities(x)
         return {"predictions": to_predictions(loaded.classifier.labels, probs)}
 

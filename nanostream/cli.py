@@ -43,12 +43,13 @@ class StageBars:
         return lambda done, total: self(stage, done, total)
 
 
-def subcommands(parser: argparse.ArgumentParser, dest: str):
+def subcommands(parser: argparse.ArgumentParser, dest: str, required: bool = True):
     """`child(name, func, help)` adding subcommands under parser (`keys create`, `experiment transfer`).
 
     Their --json defaults to SUPPRESS, so `keys --json create` and `keys create --json` both work.
+    Not required: the parent runs its own func without one (`models` lists, `models delete` deletes).
     """
-    subs = parser.add_subparsers(dest=dest, required=True)
+    subs = parser.add_subparsers(dest=dest, required=required)
 
     def child(name, func, help_text):
         q = subs.add_parser(name, help=help_text, description=help_text)
@@ -77,6 +78,20 @@ def _check_writable(path: str | None) -> None:
         raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK) or Path(path).is_dir():
         raise UserError(f"cannot write output {path}: not a writable file location")
+
+
+def checked_model(ref: str) -> Path:
+    """The bundle `ref` names (a path or model id), its header checked before torch is imported:
+    a hostile file costs a few MB and one line, never a network built from its claims."""
+    from .bundle import BundleError, read_header
+    from .models import resolve_model
+
+    path = resolve_model(ref)
+    try:
+        read_header(path)
+    except BundleError as exc:
+        raise BundleError(f"{ref}: {exc}") from None
+    return path
 
 
 def load_data(ref: str):
@@ -147,25 +162,28 @@ def cmd_train(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    path = checked_model(args.model)
     from .predict import load_classifier
 
-    classifier = load_classifier(args.model)
-    predictions = [p.to_dict() for p in classifier.predict_files(args.images)]
-    text = "\n".join(f"{p['file']}: {p['label']} ({p['confidence']:.3f})" if not p.get("error")
-                     else f"{p['file']}: error: {p['error']}" for p in predictions)
-    _emit(args, "" if args.json else text, predictions)
-    if all(p.get("error") for p in predictions):
-        sys.exit(1)
+    predictions = load_classifier(path).predict_files(args.images)
+    for p in predictions:  # one line each on stderr ("page.jpg: not an image (HTML)"); the others go on
+        if p.error:
+            print(f"error: {p.file}: {p.error}", file=sys.stderr)
+    text = "\n".join(f"{p.file}: {p.label} ({p.confidence:.3f})" for p in predictions if not p.error)
+    _emit(args, "" if args.json else text, [p.to_dict() for p in predictions])
+    if all(p.error for p in predictions):
+        sys.exit(2)
 
 
 def cmd_evaluate(args) -> None:
+    path = checked_model(args.model)
     import torch
 
     from .data import scan_folder
     from .metrics import classification_report
     from .predict import load_classifier
 
-    classifier = load_classifier(args.model)
+    classifier = load_classifier(path)
     dataset = scan_folder(args.data)
     items = list(dataset.val or dataset.train)
     unknown = sorted({i.label for i in items} - set(classifier.labels))
@@ -183,13 +201,40 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from .models import list_models
+    from .models import scan_models
 
-    metas = list_models()
+    metas, unreadable = scan_models()
+    if args.check:
+        return _check_models(args, len(metas), unreadable)
     text = "\n".join(f"{m['model_id']}  {m['created_at']}  {m['backbone']:<20} "
                      f"acc {m['metrics']['accuracy']:.3f}  {', '.join(m['labels'])}" for m in metas)
-    _emit(args, text or "no models yet", [{k: m[k] for k in ("model_id", "created_at", "backbone", "labels",
-                                                              "project")} for m in metas])
+    _emit(args, text or "no models yet", [{k: m.get(k) for k in ("model_id", "created_at", "backbone", "labels",
+                                                                  "project")} for m in metas])
+    if unreadable:
+        print(f"note: {len(unreadable)} file(s) in the model folder are not sound models and are not listed; "
+              f"`nanostream models --check` names them", file=sys.stderr)
+
+
+def _check_models(args, sound: int, unreadable: list) -> None:
+    """What --check prints: each unreadable file and why; exit status 1 when there is one."""
+    lines = [f"{bad.name}: {bad.reason} ({bad.path})" for bad in unreadable]
+    total = sound + len(unreadable)
+    lines.append(f"{len(unreadable)} of {total} model files cannot be read; remove one with "
+                 f"`nanostream models delete NAME`" if unreadable else f"all {total} model files are sound")
+    _emit(args, "\n".join(lines), {"sound": sound, "unreadable": [
+        {"name": bad.name, "file": str(bad.path), "reason": bad.reason} for bad in unreadable]})
+    if unreadable:
+        sys.exit(1)
+
+
+def cmd_models_delete(args) -> None:
+    from .models import delete_model
+
+    deleted = delete_model(args.name.removesuffix(".safetensors"))
+    done = [f"removed {', '.join(map(str, deleted.files))}"] if deleted.files else []
+    done += ["the store forgot it"] if deleted.forgotten else []
+    _emit(args, f"deleted model {deleted.name}: {'; '.join(done)}",
+          {"name": deleted.name, "files": [str(f) for f in deleted.files], "forgotten": deleted.forgotten})
 
 
 def cmd_backbones(args) -> None:
@@ -236,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("data")
 
-    command("models", cmd_models, "list trained models")
+    p = command("models", cmd_models, "list trained models; `models delete NAME` removes one")
+    p.add_argument("--check", action="store_true",
+                   help="name the files in the model folder that are not sound models (exit status 1 if any)")
+    subcommands(p, "models_command", required=False)(
+        "delete", cmd_models_delete, "delete a model: its file in the model folder, its exports and its record"
+    ).add_argument("name", help="a model id, or a file's name as `models --check` lists it")
     p = command("backbones", cmd_backbones, "list backbones and whether they are available offline")
     p.add_argument("--download", nargs="*", metavar="NAME", help="fetch torchvision weights into the cache")
 
@@ -249,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .backbones import BackboneUnavailable
+    from .backbone_specs import BackboneUnavailable  # not .backbones: no torch before a command needs it
     from .bundle import BundleError
     from .data import DataError
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 import socket
+from pathlib import Path
 
-from .cli import UserError, _emit, subcommands
+from .cli import UserError, _emit, checked_model, subcommands
 
 
 def cmd_serve(args) -> None:
@@ -55,9 +56,10 @@ def cmd_keys_revoke(args) -> None:
 
 
 def cmd_export(args) -> None:
+    path = checked_model(args.model)
     from .export import export_model
 
-    result = export_model(args.model, args.format, args.out)
+    result = export_model(path, args.format, args.out)
     _emit(args, f"exported {result.model_id} as {result.format} -> {result.path}\nlabels and preprocessing -> "
                 f"{result.labels_path}",
           {"model_id": result.model_id, "format": result.format, "path": str(result.path),
@@ -69,25 +71,63 @@ def demo_path(model_id: str) -> str:
 
 
 def set_published(ref: str, published: bool) -> str:
-    """Publish or unpublish a registered model (or a bundle file, recorded first); returns its id."""
-    from .bundle import read_bundle
-    from .models import resolve_model
+    """Publish or unpublish a model by id or bundle file; returns its id.
+
+    A file is the model its bytes make (models.content_model_id; the registry's own file is its
+    id), never the one its header claims, so a file cannot publish another model by naming it;
+    publishing copies it into the registry under that id. Unpublishing reads no model file, so
+    a damaged one can always be closed again.
+    """
+    from .models import content_model_id, import_bundle, registered_id
+
+    path = Path(ref)
+    if path.is_file():
+        if published:
+            checked_model(ref)  # a bad file: one line naming it, before anything is copied
+        ref = registered_id(path) or (import_bundle(path) if published else content_model_id(path))
+    return _publish(ref) if published else _unpublish(ref)
+
+
+def _publish(model_id: str) -> str:
+    from .bundle import MODEL_ID, BundleError
+    from .models import model_path, read_registered
     from .store import Store, StoreError
 
-    path = resolve_model(ref).resolve()
-    meta = read_bundle(path, with_tensors=False)[0]
-    model_id = meta["model_id"]
+    if not MODEL_ID.fullmatch(model_id):
+        raise UserError(f"no model file or model id '{model_id[:200]}' (ids are listed by `nanostream models`)")
     with Store() as store:
         try:
-            store.get_model(model_id)
-        except StoreError:  # trained from a folder: the store learns of it now
-            created = meta.get("created_at")
-            created = datetime.datetime.fromisoformat(created).timestamp() if created else None
+            record = store.get_model(model_id)
+        except StoreError:  # trained from a folder, or just imported: the store learns of it now
+            record = None
+        registered = model_path(model_id)
+        bundle = registered if registered.is_file() or record is None else Path(record.bundle_path)
+        try:
+            meta = read_registered(model_id, bundle).meta  # sound before anyone may use it
+        except BundleError as exc:
+            raise UserError(f"cannot publish {model_id}: {exc}") from None
+        if record is None:
+            created = datetime.datetime.fromisoformat(meta["created_at"]).timestamp()
             try:
-                store.record_model(meta.get("project"), model_id, path, meta.get("metrics") or {}, created)
+                store.record_model(meta.get("project"), model_id, bundle, meta["metrics"], created)
             except StoreError:  # its project is gone or was never in this store
-                store.record_model(None, model_id, path, meta.get("metrics") or {}, created)
-        store.set_published(model_id, published)
+                store.record_model(None, model_id, bundle, meta["metrics"], created)
+        store.set_published(model_id, True)
+    return model_id
+
+
+def _unpublish(model_id: str) -> str:
+    """By the store alone: any id it holds, even one an older NanoStream let in unchecked."""
+    from .bundle import MODEL_ID
+    from .models import model_path
+    from .store import Store, StoreError
+
+    with Store() as store:
+        try:
+            store.set_published(model_id, False)
+        except StoreError:  # never published: nothing to close, if the model exists at all
+            if not (MODEL_ID.fullmatch(model_id) and model_path(model_id).is_file()):
+                raise UserError(f"no model '{model_id[:200]}' (ids are listed by `nanostream models`)") from None
     return model_id
 
 
@@ -128,6 +168,6 @@ def register(sub, command) -> None:
     p.add_argument("--out", required=True, help="output file; labels go to the same name with .labels.json")
 
     p = command("publish", cmd_publish, "open a model to anyone (no API key); prints its demo path last")
-    p.add_argument("model", help="model_id or bundle path")
+    p.add_argument("model", help="model_id, or a bundle file: registered under the id its bytes give")
     p = command("unpublish", cmd_unpublish, "require an API key for a model again")
     p.add_argument("model", help="model_id or bundle path")

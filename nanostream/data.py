@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bundle import MAX_LABELS
 from .images import is_image_name
 
 
@@ -69,6 +70,8 @@ def scan_folder(root: str | Path) -> Dataset:
 def check_trainable(classes: tuple[str, ...], items: tuple[LabeledImage, ...] | list[LabeledImage]) -> None:
     """Raise DataError naming the problem when a training set cannot make a classifier."""
     counts = Counter(item.label for item in items)
+    if len(counts) > MAX_LABELS:  # a model file holds at most this many: refuse now, not after training
+        raise DataError(f"{len(counts):,} classes is more than a model can hold ({MAX_LABELS:,})")
     if len(counts) < 2:
         found = f"only '{next(iter(counts))}'" if counts else "none"
         raise DataError(f"need at least 2 classes with images, found {found}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -47,9 +48,60 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_size: int | No
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"decompression bomb refused: {exc}") from exc
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
-        raise BadImage(f"not a readable image: {exc}") from exc
+        raise BadImage(f"decompression bomb refused: {_plain(exc)}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
+        # PIL's own words name objects ("<_io.BytesIO ...>") or its internals ("Truncated File Read"):
+        # a file that starts as a picture but does not decode is a damaged one, whatever PIL says.
+        damaged = next((name for magic, name in _IMAGE_SIGNATURES if data.startswith(magic)), None)
+        if damaged:
+            raise BadImage(f"not a readable image: damaged {damaged} data") from exc
+        if isinstance(exc, Image.UnidentifiedImageError):
+            raise BadImage(f"not an image ({_what_it_is(data)})") from exc
+        raise BadImage(f"not a readable image: {_plain(exc)}") from exc
+
+
+# The first bytes of the formats PIL reads: a file that starts so but will not open is a damaged picture.
+_IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"),
+                     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+# What a file that is not an image usually is, by its first bytes: a web page saved as .jpg, ...
+_SIGNATURES = ((b"%PDF-", "PDF"), (b"PK\x03\x04", "ZIP archive"), (b"\x1f\x8b", "gzip archive"))
+# ISO media files by their brand: iPhones save HEIC photos, which Pillow does not read (AVIF it does).
+_MEDIA = {b"heic": "HEIC photo: save it as JPEG", b"heix": "HEIC photo: save it as JPEG",
+          b"isom": "MP4 video", b"mp42": "MP4 video", b"qt  ": "QuickTime video"}
+
+
+def _what_it_is(data: bytes) -> str:
+    """A short name for what bytes that PIL cannot open are: "HTML", "PDF", "text", ..."""
+    head = data[:512]
+    for magic, kind in _SIGNATURES:
+        if head.startswith(magic):
+            return kind
+    if head[4:8] == b"ftyp":  # ISO media: phones' HEIC photos, videos
+        return _MEDIA.get(head[8:12], "ISO media file")
+    if b"\x00" in head:  # text never holds a NUL byte
+        return "unknown format"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # more than a character cut at the 512th byte
+            return "unknown format"
+        text = head[:exc.start].decode("utf-8")
+    start = text.lstrip("\ufeff \t\r\n").lower()
+    if start.startswith("<!doctype html") or "<html" in start:
+        return "HTML"
+    if "<svg" in start:
+        return "SVG drawing: save it as PNG"
+    if start.startswith("<"):
+        return "XML"
+    if start.startswith(("{", "[")):
+        return "JSON"
+    return "text"
+
+
+def _plain(exc: Exception) -> str:
+    """PIL's message without object reprs ("<_io.BytesIO object at 0x...>"), on one short line."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return " ".join(text.split())[:200] or type(exc).__name__
 
 
 def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:

@@ -1,20 +1,25 @@
 """Adding the user's own pictures to a project: image files, folders, zip archives and URL lists.
 
 Everything here is untrusted input. Zip entries are read in memory, never extracted to paths
-taken from the archive; sizes and entry counts are capped; each file that cannot be used is
-reported with its reason, and nothing raises for a bad file.
+taken from the archive; sizes, entry counts and new categories are capped; only regular files
+are read, and links inside a folder are not followed; names are stored and shown without
+control or format characters; each file that cannot be used is reported with its reason, and
+nothing raises for a bad file.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
+import stat
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -29,6 +34,8 @@ class IngestLimits:
     max_archive_bytes: int = 500_000_000   # total uncompressed: thousands of photos; more looks like a zip bomb
     max_archive_files: int = 5_000         # entries per archive or folder: far past what a few-shot project needs
     max_urls: int = 1_000                  # each URL is a network fetch; longer lists belong in several runs
+    max_new_categories: int = 50           # per call: a few-shot project tells apart a handful; thousands of
+                                           # folders in a small zip are a mistake or an attack on every page
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,30 @@ class IngestReport:
 
 class _Skip(Exception):
     """One source or entry that cannot be used; the message is the reason shown to the user."""
+
+
+MAX_SHOWN_CHARS = 200  # a name is quoted in reports and stored: longer than any real path needs
+_DROPPED = frozenset({"Cc", "Cf", "Zl", "Zp"})  # control, format (bidi overrides, zero-width) and line breaks
+LINK_REASON = "a symbolic link: links inside a folder are not followed"
+
+
+def printable_name(name: str) -> str:
+    """A file, folder or URL name as NanoStream stores and shows it: NFC, without control or
+    format characters, at most MAX_SHOWN_CHARS long (the end kept: it holds the file name).
+
+    A right-to-left override shows 'gpj.exe' as 'exe.jpg'; a newline or an escape sequence
+    rewrites a terminal's lines; a byte that is not UTF-8 arrives as a lone surrogate, which
+    SQLite cannot store, and becomes U+FFFD.
+    """
+    kept = []
+    for ch in unicodedata.normalize("NFC", name):
+        kind = unicodedata.category(ch)
+        if kind == "Cs":
+            kept.append("\ufffd")
+        elif kind not in _DROPPED:
+            kept.append(ch)
+    text = "".join(kept)
+    return text if len(text) <= MAX_SHOWN_CHARS else "\u2026" + text[1 - MAX_SHOWN_CHARS:]
 
 
 def _size_text(n: int) -> str:
@@ -69,6 +100,7 @@ class _Run:
         self.store, self.project, self.limits = store, project, limits
         self.category = None if category is None else clean_name(category, "category name")
         self.on_progress = on_progress
+        self._known_at_start = {name.casefold() for name in store.get_project(project).categories}
         self.added: list[str] = []
         self.duplicates: list[str] = []
         self.skipped: list[tuple[str, str]] = []
@@ -92,7 +124,23 @@ class _Run:
             self.on_progress(self.done, self.total)
 
     def skip(self, source: str, reason: str) -> None:
-        self.skipped.append((source, reason))
+        self.skipped.append((printable_name(source), reason))
+
+    def admit_categories(self, source: str, hints: Sequence[str | None], holder: str) -> bool:
+        """True when the folders of a layout (hints) create at most limits.max_new_categories,
+        counting those this call created already; else skip the source, saying so."""
+        if self.category is not None:  # one chosen category: the folders name nothing
+            return True
+        known = {name.casefold() for name in self.store.get_project(self.project).categories}
+        new = {hint.strip().casefold() for hint in hints if hint} - known
+        allowed = self.limits.max_new_categories - len(known - self._known_at_start)
+        if len(new) <= allowed:
+            return True
+        noun = "category" if len(new) == 1 else "categories"
+        self.skip(source, f"{holder} {len(new):,} new {noun}; one upload creates at most "
+                          f"{self.limits.max_new_categories:,}: add the categories first, or choose one "
+                          f"category for all the images")
+        return False
 
     def add_raw(self, source: str, raw: bytes, category_hint: str | None, original_name: str) -> None:
         """Normalize untrusted bytes and store them in the chosen category (else the layout's)."""
@@ -103,11 +151,11 @@ class _Run:
         try:
             jpeg = normalize_image(raw)
         except BadImage as exc:
-            self.skip(source, f"not an image: {exc}")
+            self.skip(source, str(exc))  # BadImage says what it is: "not an image (HTML)", "damaged PNG data"
             return
         width, height = _jpeg_size(jpeg)
         self.add_jpeg(source, jpeg, category,
-                      Provenance("upload", original_name=original_name, width=width, height=height))
+                      Provenance("upload", original_name=printable_name(original_name), width=width, height=height))
 
     def add_jpeg(self, source: str, jpeg: bytes, category: str, provenance: Provenance) -> None:
         try:
@@ -122,7 +170,7 @@ class _Run:
         if added:
             self.added.append(record.content_hash)
         else:
-            self.duplicates.append(source)
+            self.duplicates.append(printable_name(source))
 
     def _ensure_category(self, name: str) -> str:
         key = name.strip().casefold()
@@ -137,12 +185,12 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def safe_parts(name: str) -> tuple[str, ...] | None:
-    """Path components of an archive entry name, or None when it could escape a folder
-    (absolute, a drive letter, or any '..')."""
+    """Path components of an archive entry name, each a printable_name, or None when it could
+    escape a folder (absolute, a drive letter, or any '..')."""
     name = name.replace("\\", "/")
     if name.startswith("/") or _DRIVE.match(name):
         return None
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    parts = tuple(p for p in map(printable_name, name.split("/")) if p not in ("", "."))
     if not parts or ".." in parts:
         return None
     return parts
@@ -162,23 +210,58 @@ def _is_hidden(parts: Sequence[str]) -> bool:
 
 # -- sources ------------------------------------------------------------------------------------
 
-def _read_file(path: Path, limit: int) -> bytes:
+def _not_regular(mode: int) -> str:
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "not a file")
+    return f"not a regular file ({kind}); only regular files are read"
+
+
+def _open_regular(path: Path, follow_links: bool) -> BinaryIO:
+    """Open a regular file for reading, else _Skip. Checked before opening (a device is never
+    opened) and again on the open file (it may have been swapped meanwhile). O_NONBLOCK: opening
+    a named pipe would otherwise wait for a writer forever; reads of a regular file ignore it."""
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise _Skip(_too_large(size, limit))
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)  # a file growing while we read still cannot exceed the limit
+        mode = os.stat(path, follow_symlinks=follow_links).st_mode
+        if stat.S_ISLNK(mode):
+            raise _Skip(LINK_REASON)
+        if not stat.S_ISREG(mode):
+            raise _Skip(_not_regular(mode))
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        if not follow_links:
+            flags |= getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(path, flags)
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:  # O_NOFOLLOW met a link swapped in
+            raise _Skip(LINK_REASON) from exc
         raise _Skip(f"cannot read: {exc.strerror or exc}") from exc
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise _Skip(_not_regular(mode))
+    return f
+
+
+def _read_file(path: Path, limit: int, follow_links: bool = True) -> bytes:
+    """A regular file's bytes, at most limit; follow_links False for files found inside a folder."""
+    with _open_regular(path, follow_links) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise _Skip(_too_large(size, limit))
+            data = f.read(limit + 1)  # a file growing while we read still cannot exceed the limit
+        except OSError as exc:
+            raise _Skip(f"cannot read: {exc.strerror or exc}") from exc
     if len(data) > limit:
         raise _Skip(f"too large (over {_size_text(limit)})")
     return data
 
 
-def _add_file(run: _Run, path: Path, label: str, category_hint: str | None, original_name: str) -> None:
+def _add_file(run: _Run, path: Path, label: str, category_hint: str | None, original_name: str,
+              follow_links: bool = True) -> None:
     try:
-        data = _read_file(path, run.limits.max_file_bytes)
+        data = _read_file(path, run.limits.max_file_bytes, follow_links)
     except _Skip as exc:
         run.skip(label, str(exc))
         return
@@ -186,33 +269,41 @@ def _add_file(run: _Run, path: Path, label: str, category_hint: str | None, orig
 
 
 def _add_folder(run: _Run, root: Path) -> None:
-    """Every image under root (recursively); with no chosen category, one subfolder per category."""
+    """Every image under root (recursively); with no chosen category, one subfolder per category.
+    Links inside root are reported, not followed: they may point anywhere on the machine."""
     limit = run.limits.max_archive_files
     candidates: list[tuple[Path, tuple[str, ...]]] = []
     rejected: list[tuple[str, str]] = []
     n_files = 0
-    for folder, dirs, files in os.walk(root):
-        rel = Path(folder).relative_to(root).parts
-        hidden = sorted(d for d in dirs if _is_hidden((d,)))
+    for folder, dirs, files in os.walk(root):  # walk never descends into a link to a folder
+        rel = tuple(map(printable_name, Path(folder).relative_to(root).parts))
+        links = sorted(d for d in dirs if os.path.islink(os.path.join(folder, d)))
+        hidden = sorted(d for d in dirs if d not in links and _is_hidden((printable_name(d),)))
+        rejected += [(str(Path(folder) / d), LINK_REASON) for d in links]
         rejected += [(str(Path(folder) / d), "hidden or system folder") for d in hidden]
-        dirs[:] = sorted(d for d in dirs if d not in hidden)  # sorted: a stable order for reports and tests
+        dirs[:] = sorted(d for d in dirs if d not in hidden and d not in links)  # sorted: a stable order
         for name in sorted(files):
             n_files += 1
             if n_files > limit:
                 run.skip(str(root), f"folder has more than {limit:,} files; the limit is {limit:,}")
                 return
-            parts = (*rel, name)
-            if _is_hidden((name,)):
+            parts = (*rel, printable_name(name))
+            if os.path.islink(os.path.join(folder, name)):
+                rejected.append((str(Path(folder) / name), LINK_REASON))
+            elif _is_hidden(parts[-1:]):
                 rejected.append((str(Path(folder) / name), "hidden or system file"))
-            elif not is_image_name(name):
-                rejected.append((str(Path(folder) / name), _not_image_reason(name)))
+            elif not is_image_name(parts[-1]):
+                rejected.append((str(Path(folder) / name), _not_image_reason(parts[-1])))
             else:
                 candidates.append((Path(folder) / name, parts))
-    run.skipped.extend(rejected)
-    run.plan(len(candidates))
+    for source, reason in rejected:
+        run.skip(source, reason)
     hints = layout_categories([parts for _, parts in candidates])
+    if not run.admit_categories(str(root), hints, "folder has subfolders for"):
+        return
+    run.plan(len(candidates))
     for (path, parts), hint in zip(candidates, hints):
-        _add_file(run, path, str(path), hint, "/".join(parts))
+        _add_file(run, path, str(path), hint, "/".join(parts), follow_links=False)
         run.tick()
 
 
@@ -227,8 +318,9 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> by
                     raise _Skip("entry is larger than its header says, or than the limit")
                 chunks.append(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
-        # RuntimeError: encrypted entry; NotImplementedError: a compression method zipfile lacks
-        raise _Skip(f"cannot read from archive: {exc}") from exc
+        # RuntimeError: encrypted entry; NotImplementedError: a compression method zipfile lacks.
+        # Some messages quote the entry's name: printable, as every name.
+        raise _Skip(f"cannot read from archive: {printable_name(str(exc))}") from exc
     return b"".join(chunks)
 
 
@@ -260,8 +352,10 @@ def _add_zip(run: _Run, label: str, archive: zipfile.ZipFile) -> None:
         else:
             candidates.append((info, parts, source))
 
-    run.plan(len(candidates))
     hints = layout_categories([parts for _, parts, _ in candidates])
+    if not run.admit_categories(label, hints, "archive has folders for"):
+        return
+    run.plan(len(candidates))
     remaining = limits.max_archive_bytes
     for (info, parts, source), hint in zip(candidates, hints):
         try:
@@ -298,7 +392,7 @@ def _add_url_list(run: _Run, label: str, data: bytes,
                   should_stop: Callable[[], bool] | None) -> None:
     urls, bad = parse_url_list(data.decode("utf-8-sig", errors="replace"))
     for lineno, line in bad:
-        run.skip(f"{label}:{lineno}", f"not an http(s) URL: {line[:100]}")
+        run.skip(f"{label}:{lineno}", f"not an http(s) URL: {printable_name(line[:100])}")
     if len(urls) > run.limits.max_urls:
         run.skip(label, f"list has {len(urls):,} URLs; the limit is {run.limits.max_urls:,}")
         return
@@ -338,12 +432,18 @@ def _add_path(run: _Run, source: str | Path, should_stop: Callable[[], bool] | N
         run.skip(label, "not found")
     elif suffix == ".zip":
         try:
-            archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            run.skip(label, f"not a readable zip archive: {exc}")
+            f = _open_regular(path, follow_links=True)
+        except _Skip as exc:
+            run.skip(label, str(exc))
             return
-        with archive:
-            _add_zip(run, label, archive)
+        with f:
+            try:
+                archive = zipfile.ZipFile(f)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                run.skip(label, f"not a readable zip archive: {exc}")
+                return
+            with archive:
+                _add_zip(run, label, archive)
     elif suffix == ".txt":
         try:
             data = _read_file(path, run.limits.max_file_bytes)
@@ -380,21 +480,20 @@ def add_sources(store: Store, project: str, category: str | None, sources: Seque
     return run.report()
 
 
-def add_upload(store: Store, project: str, category: str | None, filename: str, data: bytes,
-               limits: IngestLimits = IngestLimits()) -> IngestReport:
-    """Add one file uploaded through the web app: an image, a .zip or a .txt URL list (by its name)."""
-    run = _Run(store, project, category, limits, None)
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1] or "upload"  # browsers may send a path
+def _add_upload(run: _Run, filename: str, data: bytes, category_hint: str | None) -> None:
+    """One uploaded file: an image, a .zip or a .txt URL list (by its name)."""
+    limits = run.limits
+    name = printable_name(filename.replace("\\", "/").rsplit("/", 1)[-1]) or "upload"  # browsers may send a path
     suffix = Path(name).suffix.lower()
     if suffix == ".zip":
         if len(data) > limits.max_archive_bytes:
             run.skip(filename, _too_large(len(data), limits.max_archive_bytes))
-            return run.report()
+            return
         try:
             archive = zipfile.ZipFile(io.BytesIO(data))
         except (zipfile.BadZipFile, EOFError) as exc:
             run.skip(filename, f"not a readable zip archive: {exc}")
-            return run.report()
+            return
         with archive:
             _add_zip(run, filename, archive)
     elif len(data) > limits.max_file_bytes:
@@ -402,7 +501,28 @@ def add_upload(store: Store, project: str, category: str | None, filename: str, 
     elif suffix == ".txt":
         _add_url_list(run, filename, data, None)
     else:
-        run.add_raw(filename, data, None, name)
+        run.add_raw(filename, data, category_hint, name)
+
+
+def add_upload(store: Store, project: str, category: str | None, filename: str, data: bytes,
+               limits: IngestLimits = IngestLimits()) -> IngestReport:
+    """Add one file uploaded through the web app: an image, a .zip or a .txt URL list (by its name)."""
+    run = _Run(store, project, category, limits, None)
+    _add_upload(run, filename, data, None)
+    return run.report()
+
+
+def add_uploads(store: Store, project: str, category: str | None, files: Sequence[tuple[str, bytes]],
+                limits: IngestLimits = IngestLimits()) -> IngestReport:
+    """Add the files of one web upload, (name, bytes) each. With category None, the images of a
+    folder upload ('photos/cats/a.jpg') and of each zip go to their folders' categories, and
+    limits.max_new_categories counts the whole upload."""
+    run = _Run(store, project, category, limits, None)
+    hints = layout_categories([safe_parts(name) or (name,) for name, _ in files])
+    if not run.admit_categories(f"{len(files):,} uploaded files", hints, "they are in folders for"):
+        return run.report()
+    for (name, data), hint in zip(files, hints):
+        _add_upload(run, name, data, hint)
     return run.report()
 
 
@@ -439,18 +559,18 @@ def labelled_uploads(files: Sequence[tuple[str, bytes]],
             try:
                 archive = zipfile.ZipFile(io.BytesIO(data))
             except zipfile.BadZipFile as exc:
-                skipped.append((name, f"not a readable zip archive: {exc}"))
+                skipped.append((printable_name(name), f"not a readable zip archive: {exc}"))
                 continue
             archives.append(archive)
             infos = [i for i in archive.infolist() if not i.is_dir()][: limits.max_archive_files]
             for info in infos:
                 parts = safe_parts(info.filename)
                 if parts and not _is_hidden(parts) and is_image_name(parts[-1]):
-                    entries.append((f"{name}/{info.filename}", parts, info, archive))
+                    entries.append((printable_name(f"{name}/{info.filename}"), parts, info, archive))
         elif is_image_name(name):
-            entries.append((name, safe_parts(name) or (name,), data, None))
+            entries.append((printable_name(name), safe_parts(name) or (printable_name(name),), data, None))
         else:
-            skipped.append((name, "not an image or a .zip"))
+            skipped.append((printable_name(name), "not an image or a .zip"))
     labels = layout_categories([parts for _, parts, _, _ in entries])
     out = []
     for (name, _, payload, archive), label in zip(entries, labels):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from . import paths
+from . import paths, standby
 from .store import FINISHED, Job, Store, StoreError
 
 KINDS = ("build", "search", "urls", "rank")
@@ -93,19 +93,32 @@ def _start(store: Store, project: str, kind: str, params: dict) -> str:
     return job.id
 
 
-def _launch(store: Store, job_id: str) -> None:
-    """Start the worker: its own session (a Ctrl-C or a page rerun does not reach it), output to its log."""
+def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), env.get("PYTHONPATH")]))
-    with open(log_path(job_id), "ab") as log:
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "nanostream.jobs", job_id, "--root", str(store.root)],
-                cwd=paths.REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
-        except OSError as exc:
-            store.update_job(job_id, status="failed", error=f"could not start the worker: {exc.strerror or exc}")
-            raise JobError(f"could not start the worker: {exc.strerror or exc}") from None
+    return env
+
+
+def warm_up(store: Store) -> None:
+    """Have a warm worker waiting for this store's next job (standby.py): the app calls it at start."""
+    standby.warm_up(store.root, _worker_env())
+
+
+def _launch(store: Store, job_id: str) -> None:
+    """Hand the job to the warm worker, else start a worker: its own session (a Ctrl-C or a page
+    rerun does not reach it), output to its log."""
+    env = _worker_env()
+    process = standby.hand_over(store.root, env, job_id)
+    if process is None:
+        with open(log_path(job_id), "ab") as log:
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "nanostream.jobs", job_id, "--root", str(store.root)],
+                    cwd=paths.REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True)
+            except OSError as exc:
+                store.update_job(job_id, status="failed", error=f"could not start the worker: {exc.strerror or exc}")
+                raise JobError(f"could not start the worker: {exc.strerror or exc}") from None
     _pid_path(job_id).write_text(str(process.pid))
     _children[job_id] = process
 
@@ -131,6 +144,21 @@ def start_build(store: Store, project: str, config) -> str:
         raise JobError(f"A model needs at least 2 categories with 2 or more images each (now: {now}). "
                        f"Add images on the Images page first.")
     return _start(store, project, "build", {"config": asdict(config)})
+
+
+def build_time_hint(store: Store, photos: int) -> str:
+    """What the Build page promises, from what this machine took last: the newest finished build
+    (of any project), from click to result, scaled to `photos`. A promise from another machine
+    (or a fixed "a minute or so") would be wrong by 3x between an AMX server and an AVX2 laptop."""
+    last = next((job for job in store.list_jobs() if job.kind == "build" and job.status == "done"
+                 and job.result and job.finished_at), None)
+    if last is None:
+        return "the first build on this machine also prepares the pretrained networks, once"
+    seconds = last.finished_at - last.created_at
+    measured = last.result["n_train"] + last.result["n_val"]
+    guess = seconds * max(photos, 1) / max(measured, 1)
+    return (f"about {max(round(guess), 1)} s for {photos} photos on this machine: its last build took "
+            f"{seconds:.0f} s for {measured}, and photos it has seen before are quicker")
 
 
 def start_search(store: Store, project: str, categories: Sequence[str] | None = None,
@@ -207,23 +235,41 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _worker_gone(job: Job) -> bool:
-    """True when the job's worker process is known to have exited (this machine's pid file)."""
+def _pid_gone(path: Path) -> bool:
+    """True when the pid file names a process that has exited (False when there is no such file)."""
     try:
-        pid = int(_pid_path(job.id).read_text())
+        pid = int(path.read_text())
     except (OSError, ValueError):
         return False
     return not _alive(pid)
 
 
+def _worker_gone(job: Job) -> bool:
+    """True when the job's worker process is known to have exited (this machine's pid file)."""
+    return _pid_gone(_pid_path(job.id))
+
+
+def _remove_stale_pid_files(store: Store, pid_files: Sequence[Path]) -> None:
+    """Delete the pid files a killed worker could not: its job has finished, or it is no job of
+    this store and its process is gone (another store's jobs may share the folder)."""
+    status = {job.id: job.status for job in store.list_jobs()}
+    for path in pid_files:
+        if status.get(path.stem) in FINISHED or (path.stem not in status and _pid_gone(path)):
+            path.unlink(missing_ok=True)
+
+
 def reap(store: Store, stale_after: float = STALE_AFTER_S) -> list[Job]:
     """Mark as failed the unfinished jobs whose worker is gone: its process exited, its heartbeat
-    is stale (store.reap_stale_jobs), or it never started. Returns the jobs marked. Cheap: pages
-    call it on every poll."""
+    is stale (store.reap_stale_jobs), or it never started; then delete the pid files such
+    workers left. Returns the jobs marked. Cheap: pages call it on every poll."""
     for job_id, process in list(_children.items()):
         if process.poll() is not None:  # collects the exit status, so the pid really disappears
             del _children[job_id]
+            # The next job gets a warm worker. Started now, not when this one was handed over:
+            # its imports would have taken CPU from the job that was running.
+            warm_up(store)
     marked = list(store.reap_stale_jobs(stale_after))
+    pid_files = list(jobs_dir().glob("*.pid"))  # before the jobs are listed: each is of a job listed below
     now = time.time()
     for job in store.list_jobs():
         if job.status in FINISHED:
@@ -235,6 +281,7 @@ def reap(store: Store, stale_after: float = STALE_AFTER_S) -> list[Job]:
                 marked.append(store.update_job(job.id, status="failed", error=message, message=message))
             except StoreError:  # it finished (or was deleted) a moment ago: nothing to mark
                 continue
+    _remove_stale_pid_files(store, pid_files)
     return marked
 
 

@@ -101,6 +101,7 @@ def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait()
+    ready_path(process.pid).unlink(missing_ok=True)  # a killed standby cannot remove its own
     with contextlib.suppress(OSError):  # closing a pipe whose reader was killed
         process.stdin.close()
 

@@ -7,7 +7,8 @@ Layout under the root (default paths.home()):
 Every write runs in one `BEGIN IMMEDIATE` transaction, so two processes never interleave a
 read-check-write. A blob file is written (temp file + os.replace) before its row is inserted,
 and deleted only while holding the write lock after checking nothing references it, so a row
-never points at a missing file and a killed process leaves at most an invisible dot-file.
+never points at a missing file. A process killed between writing a file and committing its row
+leaves the file without a row (or a dot-named temp file); every open deletes those (prune_blobs).
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ class Store:
         with self._write() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
+        self.prune_blobs()  # the files a killed add_image left without their row
 
     def close(self) -> None:
         with self._lock:
@@ -440,21 +442,19 @@ class Store:
                     removed += 1
         return removed
 
-    def prune_blobs(self, temp_age_seconds: float = 3600.0) -> int:
-        """Delete blob files no row uses and temp files older than temp_age_seconds (left by killed
-        writers; younger ones may belong to a write in progress). Returns how many files were deleted."""
-        with self._read() as conn:
+    def prune_blobs(self) -> int:
+        """Delete the blob files no row uses and every temp file: what a process killed inside
+        add_image leaves. Safe beside other processes: add_image holds the write lock from writing
+        its file to committing its row, so while this holds it no file belongs to a write in
+        progress. Returns how many files were deleted."""
+        removed = 0
+        with self._write() as conn:
             used = {r[0] for r in conn.execute("SELECT DISTINCT content_hash FROM images")}
-        candidates, removed = [], 0
-        cutoff = time.time() - temp_age_seconds
-        for path in self.blob_dir.glob("*/*"):
-            if path.name.startswith(TEMP_PREFIX):
-                if path.stat().st_mtime < cutoff:
+            for path in self.blob_dir.glob("*/*"):
+                if path.name.startswith(TEMP_PREFIX) or (path.suffix == ".jpg" and path.stem not in used):
                     path.unlink(missing_ok=True)
                     removed += 1
-            elif path.suffix == ".jpg" and path.stem not in used:
-                candidates.append(path.stem)
-        return removed + self._delete_unreferenced(candidates)
+        return removed
 
     # -- images ---------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import streamlit as st
 
 from . import paths
 from .images import decode_image
-from .ingest import IngestReport, add_upload, layout_categories, safe_parts
+from .ingest import IngestReport, add_uploads  # noqa: F401 - add_uploads: the Images page calls ui.add_uploads
 from .store import Store
 
 NOT_SURE = 0.6            # default threshold: below it the top class is shown as "not sure"
@@ -314,20 +314,6 @@ def augmentation_preview(image_paths: Sequence[str], policy_name: str, fill: str
 
 
 # ---------------------------------------------------------------- uploads
-
-def add_uploads(store: Store, project: str, category: str | None,
-                files: Sequence[tuple[str, bytes]]) -> IngestReport:
-    """Add uploaded files (images, .zip, .txt URL lists) to a category. With category None, a
-    folder upload ('photos/cats/a.jpg') and zips use their folder names as categories."""
-    hints = layout_categories([safe_parts(name) or (name,) for name, _ in files])
-    added, duplicates, skipped = [], [], []
-    for (name, data), hint in zip(files, hints):
-        report = add_upload(store, project, category or hint, name, data)
-        added += report.added
-        duplicates += report.duplicates
-        skipped += report.skipped
-    return IngestReport(tuple(added), tuple(duplicates), tuple(skipped))
-
 
 def report_text(report: IngestReport) -> str:
     text = f"Added {len(report.added)} image(s)"

@@ -14,7 +14,7 @@ jobs.reap(store)
 st.header("Build")
 counts = store.counts(project)
 st.caption(f"{' · '.join(f'**{name}**: {n} photos' for name, n in counts.items())}. **Build model** teaches a "
-           "pretrained network your categories, in the background (a minute or so on a CPU for a few dozen photos). "
+           f"pretrained network your categories, in the background ({jobs.build_time_hint(store, sum(counts.values()))}). "
            "It also learns from changed copies of each photo, as previewed below.")
 message = st.empty()
 for warning in ui.data_warnings(counts):

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from nanostream import keys, paths, ui
+from nanostream import keys, ui
+from nanostream.bundle import BundleError
+from nanostream.models import export_path
 
 # `nanostream serve` runs the HTTP API apart from this app; say where people reach it.
 API_URL = os.environ.get("NANOSTREAM_API_URL", "http://localhost:8000")
@@ -86,7 +88,11 @@ if bundle.is_file():
 else:
     st.error(f"The model file is missing ({bundle}).")
 for fmt, (label, ext) in EXPORTS.items():
-    out = paths.home() / "exports" / f"{model_id}.{ext}"
+    try:
+        out = export_path(model_id, ext)  # refuses an id NanoStream did not make: it could be a path
+    except BundleError as exc:
+        st.error(f"This version cannot be exported: {exc}")
+        break
     labels = out.with_suffix(".labels.json")  # export.py writes the labels and preprocessing beside the model
     if out.is_file() and labels.is_file():
         left, right = st.columns(2)

@@ -70,3 +70,15 @@ def test_bad_input_is_one_clear_line(args, message, tiny_hymenoptera):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr
+
+
+def test_a_file_that_is_not_an_image_is_one_clear_line(trained, tiny_hymenoptera, tmp_path):
+    model_id = trained[0]["model_id"]
+    page = tmp_path / "page.jpg"  # what a search result often is: the web page around the photo
+    page.write_text("<!DOCTYPE html>\n<html><body>This image is no longer available</body></html>")
+    alone = run("predict", model_id, page, check=False)
+    assert (alone.returncode, alone.stdout, alone.stderr) == (2, "", f"error: {page}: not an image (HTML)\n")
+    photo = sorted((tiny_hymenoptera / "val" / "ants").iterdir())[0]
+    mixed = run("predict", model_id, photo, page, check=False)  # one good input: the others are reported, exit 0
+    assert (mixed.returncode, mixed.stderr) == (0, f"error: {page}: not an image (HTML)\n")
+    assert mixed.stdout.startswith(f"{photo}: ") and mixed.stdout.count("\n") == 1

@@ -4,7 +4,11 @@ against a stand-in provider whose hits point at a local HTTP server."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -143,6 +147,58 @@ def test_images_add_file_folder_zip_and_url_list(capsys, home, datasets, tmp_pat
     assert {p.name for p in (out / "ants").iterdir()} == {f"{i['hash']}.jpg" for i in listed["images"]
                                                           if i["category"] == "ants"}
     assert "not an empty folder" in one_line_error(capsys, "export-dataset", "insects", out)
+
+
+_KILLED_IMAGES_ADD = """
+import os, signal, sys
+from nanostream.cli import main
+from nanostream.store import Store
+
+write_blob = Store._write_blob
+
+
+def write_then_die(self, digest, data):
+    write_blob(self, digest, data)
+    os.kill(os.getpid(), signal.SIGKILL)  # the crash window: the file is on disk, its row not committed
+
+
+Store._write_blob = write_then_die
+main(sys.argv[1:])
+"""
+
+
+def _run_cli(*argv, script: str | None = None) -> subprocess.CompletedProcess:
+    """A command in a process of its own (bounded: a hang fails the test instead of stalling it)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "nanostream"]
+    return subprocess.run([*command, *map(str, argv)], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_images_add_killed_mid_write_leaves_no_orphan_after_the_next_open(capsys, home, datasets):
+    ok(capsys, "project", "create", "insects", "--categories", "ants")
+    first, second = photos(datasets, "ants", 2)
+    ok(capsys, "images", "add", "insects", "ants", first)
+    killed = _run_cli("images", "add", "insects", "ants", second, "--quiet", script=_KILLED_IMAGES_ADD)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    blobs = sorted(p for p in (home / "blobs").rglob("*") if p.is_file())
+    assert len(blobs) == 2  # the killed command left a file without its row
+    listed = ok(capsys, "images", "list", "insects", "--json")  # the next command opens the store
+    assert listed["counts"] == {"ants": 1}
+    kept = listed["images"][0]["hash"]
+    assert [p.name for p in (home / "blobs").rglob("*") if p.is_file()] == [f"{kept}.jpg"]
+
+
+def test_images_add_skips_a_named_pipe_instead_of_hanging(capsys, home, datasets, tmp_path):
+    ok(capsys, "project", "create", "insects", "--categories", "ants")
+    pipe = tmp_path / "ant.jpg"
+    os.mkfifo(pipe)
+    photo = photos(datasets, "ants", 1)[0]
+    done = _run_cli("images", "add", "insects", "ants", pipe, photo, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "added 1 image to 'ants' (now 1)",
+        f"  skipped {pipe}: not a regular file (a named pipe); only regular files are read"]
+    assert ok(capsys, "images", "list", "insects", "--json")["counts"] == {"ants": 1}
 
 
 # ---------------------------------------------------------------- images search

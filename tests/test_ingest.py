@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import zipfile
 
@@ -57,8 +58,8 @@ def test_image_files_bad_files_and_text(store, tmp_path):
                          on_progress=lambda done, total: progress.append((done, total)))
     assert len(report.added) == 2 and report.duplicates == ()
     why = reasons(report)
-    assert why["broken.jpg"].startswith("not an image:")
-    assert why["notes.md"].startswith("not an image:")
+    assert why["broken.jpg"] == "not a readable image: damaged JPEG data"  # truncated: it says what it was
+    assert why["notes.md"] == "not an image (text)"  # named on its own, it is read, and says what it is
     assert why["missing.png"] == "not found"
     records = store.list_images("p", "cats")
     assert {r.content_hash for r in records} == set(report.added)
@@ -238,7 +239,7 @@ def test_upload_single_image(store):
     assert record.content_hash == report.added[0] == content_hash(store.image_path(record).read_bytes())
     assert add_upload(store, "p", None, "kitty.png", image_bytes(2)).skipped[0][1].startswith("no category")
     bad = add_upload(store, "p", "cats", "x.jpg", b"\xff\xd8\xff garbage")
-    assert bad.skipped[0][0] == "x.jpg" and bad.skipped[0][1].startswith("not an image:")
+    assert bad.skipped == (("x.jpg", "not a readable image: damaged JPEG data"),)
 
 
 # -- URL lists ----------------------------------------------------------------------------------
@@ -313,3 +314,114 @@ def test_cancel_between_sources(store, tmp_path):
     report = add_sources(store, "p", "cats", paths, should_stop=lambda: next(checks, True))
     assert len(report.added) == 1
     assert report.skipped == ((str(paths[1]), "cancelled"), (str(paths[2]), "cancelled"))
+
+
+# -- hostile layouts and names ------------------------------------------------------------------
+
+TINY_PNG = image_bytes(0, size=(1, 1))
+
+
+def blobs(store) -> list:
+    return sorted(p for p in store.blob_dir.rglob("*") if p.is_file())
+
+
+def test_a_small_zip_with_thousands_of_folders_creates_no_category(store):
+    data = make_zip({f"f{i}/a.png": TINY_PNG for i in range(3_000)})
+    assert len(data) < 600_000  # the size of the zip that made 3,000 categories
+    report = add_upload(store, "p", None, "many.zip", data)
+    assert report == IngestReport(skipped=(("many.zip", "archive has folders for 3,000 new categories; one upload "
+                                                        "creates at most 50: add the categories first, or choose "
+                                                        "one category for all the images"),))
+    assert store.counts("p") == {"cats": 0} and blobs(store) == []
+    into_one = add_upload(store, "p", "cats", "many.zip", data)  # a chosen category: the folders name nothing
+    assert len(into_one.duplicates) == 2_999 and len(into_one.added) == 1 and store.counts("p") == {"cats": 1}
+
+
+def test_new_categories_are_counted_across_one_call_and_known_ones_are_free(store, tmp_path):
+    limits = IngestLimits(max_new_categories=2)
+    first, second = tmp_path / "first.zip", tmp_path / "second.zip"
+    first.write_bytes(make_zip({"cats/a.png": image_bytes(1), "dogs/b.png": image_bytes(2),
+                                "owls/c.png": image_bytes(3)}))
+    second.write_bytes(make_zip({"cats/d.png": image_bytes(4), "bats/e.png": image_bytes(5)}))
+    report = add_sources(store, "p", None, [first, second], limits=limits)
+    assert len(report.added) == 3  # cats exists already: only dogs and owls are new
+    assert report.skipped == ((str(second), "archive has folders for 1 new category; one upload creates at most "
+                                            "2: add the categories first, or choose one category for all the images"),)
+    assert store.counts("p") == {"cats": 1, "dogs": 1, "owls": 1}
+
+
+def test_a_folder_upload_with_too_many_folders_creates_no_category(store):
+    from nanostream.ingest import add_uploads
+
+    files = [(f"photos/f{i}/a.png", image_bytes(i)) for i in range(4)]
+    report = add_uploads(store, "p", None, files, limits=IngestLimits(max_new_categories=3))
+    assert report == IngestReport(skipped=(("4 uploaded files", "they are in folders for 4 new categories; one "
+                                            "upload creates at most 3: add the categories first, or choose one "
+                                            "category for all the images"),))
+    assert store.counts("p") == {"cats": 0} and blobs(store) == []
+    report = add_uploads(store, "p", None, files[:3], limits=IngestLimits(max_new_categories=3))
+    assert len(report.added) == 3 and store.counts("p") == {"cats": 0, "f0": 1, "f1": 1, "f2": 1}
+
+
+def test_names_lose_control_and_format_characters(store, tmp_path):
+    long_name = "x" * 300 + ".png"
+    data = make_zip({"cats\x07/kit\u202eten\x1b[2J.png": image_bytes(1),  # bell, RTL override, escape
+                     "Do\u200bgs/b.png": image_bytes(2),                   # a zero-width space in a folder
+                     f"cats/{long_name}": image_bytes(3),
+                     "cats/\u202egnp.txt": b"text"})
+    report = add_upload(store, "p", None, "up\u202e.zip", data)
+    assert len(report.added) == 3
+    assert store.counts("p") == {"cats": 2, "Dogs": 1}
+    names = {r.provenance.original_name for r in store.list_images("p")}
+    assert names == {"cats/kitten[2J.png", "Dogs/b.png", "\u2026" + f"cats/{long_name}"[-199:]}
+    assert report.skipped == (("up.zip/cats/gnp.txt", "not an image: unsupported file type '.txt'"),)
+    # a folder on disk: a file name that is not UTF-8 is stored with U+FFFD, never as a lone surrogate
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / os.fsdecode(b"caf\xe9.png")).write_bytes(image_bytes(4))
+    (root / "cats" / "new\nline.png").write_bytes(image_bytes(5))
+    report = add_sources(store, "p", None, [root])
+    assert len(report.added) == 2 and report.skipped == ()
+    assert {"cats/caf\ufffd.png", "cats/newline.png"} <= {r.provenance.original_name for r in store.list_images("p")}
+
+
+def test_links_inside_a_folder_are_not_followed(store, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(image_bytes(1))
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "a.png").write_bytes(image_bytes(2))
+    (root / "cats" / "link.png").symlink_to(outside / "secret.png")
+    (root / "dogs").symlink_to(outside, target_is_directory=True)
+    report = add_sources(store, "p", None, [root])
+    assert len(report.added) == 1
+    link = "a symbolic link: links inside a folder are not followed"
+    assert set(report.skipped) == {(str(root / "cats" / "link.png"), link), (str(root / "dogs"), link)}
+    assert store.counts("p") == {"cats": 1}
+    assert [r.provenance.original_name for r in store.list_images("p")] == ["cats/a.png"]
+    named = add_sources(store, "p", "cats", [root / "cats" / "link.png"])  # a link the user names is theirs
+    assert len(named.added) == 1 and named.skipped == ()
+
+
+def test_named_pipes_are_skipped_not_read(store, tmp_path):
+    import threading
+
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "a.png").write_bytes(image_bytes(1))
+    os.mkfifo(root / "cats" / "pipe.jpg")
+    os.mkfifo(tmp_path / "cat.jpg")
+    os.mkfifo(tmp_path / "cats.zip")
+    os.mkfifo(tmp_path / "urls.txt")
+    result = []
+    worker = threading.Thread(target=lambda: result.append(add_sources(
+        store, "p", "cats", [tmp_path / "cat.jpg", tmp_path / "cats.zip", tmp_path / "urls.txt", root])), daemon=True)
+    worker.start()
+    worker.join(timeout=30)  # opening a pipe for reading waits for a writer: a hang shows as a failure
+    assert result, "add_sources hung on a named pipe"
+    (report,) = result
+    pipe = "not a regular file (a named pipe); only regular files are read"
+    assert report.skipped == ((str(tmp_path / "cat.jpg"), pipe), (str(tmp_path / "cats.zip"), pipe),
+                              (str(tmp_path / "urls.txt"), pipe), (str(root / "cats" / "pipe.jpg"), pipe))
+    assert len(report.added) == 1 and store.counts("p") == {"cats": 1}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,6 +147,7 @@ def test_a_killed_worker_is_reaped_as_failed_and_the_project_stays_usable(store,
     os.killpg(worker_pid(job_id), signal.SIGKILL)  # its own session: the worker and nothing else
     job = wait(store, job_id)
     assert job.status == "failed" and job.error == jobs.WORKER_GONE
+    assert not (jobs.jobs_dir() / f"{job_id}.pid").exists()  # the reaper removed what the worker could not
     assert store.list_models(ants_and_bees) == []
 
     again = wait(store, jobs.start_build(store, ants_and_bees, TINY))
@@ -163,6 +166,34 @@ def test_reap_fails_jobs_with_a_stale_heartbeat_or_no_worker(store, ants_and_bee
     monkeypatch.setattr(jobs, "START_TIMEOUT_S", 0.0)
     assert [j.id for j in jobs.reap(store)] == [never.id]
     assert store.get_job(never.id).error == "the worker did not start"
+
+
+def test_reap_removes_the_pid_files_of_killed_workers_and_keeps_live_ones(store, ants_and_bees):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited: a killed worker's pid file names one like it
+    killed = store.create_job(ants_and_bees, "build", {})
+    store.update_job(killed.id, status="running")
+    alive = store.create_job(ants_and_bees, "rank", {})
+    store.update_job(alive.id, status="running")
+    finished = store.create_job(ants_and_bees, "search", {})
+    store.update_job(finished.id, status="done")  # killed after its last write, before removing its pid file
+    pid_files = {job_id: jobs.jobs_dir() / f"{job_id}.pid" for job_id in (killed.id, alive.id, finished.id)}
+    pid_files[killed.id].write_text(str(dead_pid))
+    pid_files[alive.id].write_text(str(os.getpid()))  # a worker that still runs
+    pid_files[finished.id].write_text(str(os.getpid()))
+    others = {"gone": (jobs.jobs_dir() / "not-this-stores-job.pid", dead_pid),
+              "running": (jobs.jobs_dir() / "another-stores-job.pid", os.getpid())}
+    for path, pid in others.values():
+        path.write_text(str(pid))
+
+    assert [j.id for j in jobs.reap(store)] == [killed.id]
+    assert store.get_job(killed.id).error == "the worker process ended without finishing (killed or crashed)"
+    assert not pid_files[killed.id].exists() and not pid_files[finished.id].exists()
+    assert not others["gone"][0].exists()
+    assert int(pid_files[alive.id].read_text()) == os.getpid() and store.get_job(alive.id).status == "running"
+    assert int(others["running"][0].read_text()) == os.getpid()  # another store's live worker keeps its file
+    for path in (pid_files[alive.id], others["running"][0]):
+        path.unlink()
 
 
 def test_two_projects_build_at_the_same_time(store, ants_and_bees, datasets):

@@ -64,12 +64,36 @@ def test_pickles_and_foreign_files_are_refused_without_unpickling(tmp_path):
 
 
 def test_bundles_are_written_atomically(tmp_path, monkeypatch):
-    import nanostream.bundle as bundle
+    import safetensors.torch
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bundle, "save_file", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError):
         save_bundle(tmp_path / "m.safetensors", {}, {"x": torch.zeros(1)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_input_says_what_it_is(trained_model, tmp_path):
+    inputs = {"page.jpg": b"<html><head><title>404</title></head></html>", "notes.png": b"shopping list",
+              "scan.jpg": b"%PDF-1.7 ...", "cut.png": b"\x89PNG\r\n\x1a\n then nothing", "blank.jpg": b""}
+    for name, data in inputs.items():
+        (tmp_path / name).write_bytes(data)
+    results = load_classifier(trained_model[0]).predict_files([tmp_path / name for name in inputs])
+    assert [r.error for r in results] == ["not an image (HTML)", "not an image (text)", "not an image (PDF)",
+                                          "not a readable image: damaged PNG data", "empty file"]
+    assert all(r.label is None and r.probs == {} for r in results)
+
+
+def test_a_fine_tuned_tensor_that_does_not_fit_its_backbone_is_refused(trained_model, tmp_path):
+    """The header check cannot see the network's own shapes; the loader compares before loading."""
+    meta, tensors = read_bundle(trained_model[1])
+    wrong = {**tensors, "backbone.body.blocks.6.0.conv_pw.weight": torch.zeros(7, 7, 1, 1)}
+    path = save_bundle(tmp_path / "m.safetensors", meta, wrong)
+    with pytest.raises(BundleError, match=r"^damaged model file: tensor 'body.blocks.6.0.conv_pw.weight' is "
+                                          r"\(7, 7, 1, 1\), its backbone's is \(1152, 192, 1, 1\)$"):
+        load_classifier(path)
+    unknown = {**tensors, "backbone.body.blocks.6.9.weight": torch.zeros(1)}
+    with pytest.raises(BundleError, match="its backbone has no tensor 'body.blocks.6.9.weight'"):
+        load_classifier(save_bundle(tmp_path / "u.safetensors", meta, unknown))

@@ -1,4 +1,5 @@
-"""The warm worker: a job handed to it runs as a fresh worker's would, and the next one is warmed."""
+"""The warm worker (a job handed to it runs as a fresh worker's would, and the next one is warmed), and the
+Build page's promise of how long a build takes here."""
 
 from __future__ import annotations
 
@@ -60,3 +61,17 @@ def test_a_standby_for_another_environment_is_replaced_not_used(warm_store, monk
 def test_off_means_no_standby(tmp_path, monkeypatch):
     monkeypatch.setenv(standby.DISABLE_ENV, "0")
     assert standby.warm_up(tmp_path, dict(os.environ)) is None and standby._current is None
+
+
+def test_the_build_page_promises_what_this_machine_took_last(tmp_path):
+    with Store(tmp_path / "store") as store:
+        store.create_project("p", ["a", "b"])
+        assert "first build on this machine" in jobs.build_time_hint(store, 30)
+        job = store.create_job("p", "build", {})
+        store.update_job(job.id, status="running")
+        store.update_job(job.id, status="done", result={"n_train": 24, "n_val": 6})
+        done = store.get_job(job.id)
+        took = done.finished_at - done.created_at
+        hint = jobs.build_time_hint(store, 60)  # twice the photos: twice the time
+        assert hint == (f"about {max(round(took * 2), 1)} s for 60 photos on this machine: its last build took "
+                        f"{took:.0f} s for 30, and photos it has seen before are quicker")

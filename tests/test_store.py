@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -188,20 +189,55 @@ def test_delete_project_removes_only_unreferenced_blobs(store):
         store.list_images("p")
 
 
-def test_prune_blobs_removes_orphans_and_old_temp_files(store):
+def test_prune_blobs_removes_orphans_and_temp_files(store):
     store.create_project("p", ["a"])
     kept, _ = store.add_image("p", "a", jpeg(1), UPLOAD)
     orphan = store.blob_path("ab" + "0" * 62)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"x")
-    old_temp = orphan.parent / f"{store_module.TEMP_PREFIX}old"
-    old_temp.write_bytes(b"x")
-    os.utime(old_temp, (0, 0))
-    young_temp = orphan.parent / f"{store_module.TEMP_PREFIX}young"
-    young_temp.write_bytes(b"x")  # may belong to a write in progress
+    temp = orphan.parent / f"{store_module.TEMP_PREFIX}{orphan.stem}-123-abcd"
+    temp.write_bytes(b"x")  # under the write lock no write is in progress: every temp file is dead
     assert store.prune_blobs() == 2
-    assert not orphan.exists() and not old_temp.exists() and young_temp.exists()
-    assert store.image_path(kept).exists()
+    assert not orphan.exists() and not temp.exists()
+    assert store.image_path(kept).read_bytes() == jpeg(1)
+    assert store.list_images("p") == [kept]
+
+
+_KILLED_IN_ADD_IMAGE = """
+import os, signal, sys
+from nanostream.store import Provenance, Store
+
+write_blob = Store._write_blob
+
+
+def write_then_die(self, digest, data):
+    write_blob(self, digest, data)
+    os.kill(os.getpid(), signal.SIGKILL)  # the crash window: the file is on disk, its row not committed
+
+
+Store._write_blob = write_then_die
+Store(sys.argv[1]).add_image("p", "a", sys.stdin.buffer.read(), Provenance("upload"))
+"""
+
+
+def test_sigkill_during_add_image_then_open_leaves_no_orphan(tmp_path):
+    root = tmp_path / "home"
+    with Store(root) as setup:
+        setup.create_project("p", ["a"])
+        real, _ = setup.add_image("p", "a", jpeg(1), UPLOAD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_IN_ADD_IMAGE, str(root)], input=jpeg(2), env=env,
+                            capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    orphan = Path(root) / "blobs" / content_hash(jpeg(2))[:2] / f"{content_hash(jpeg(2))}.jpg"
+    assert orphan.read_bytes() == jpeg(2)  # the kill left a file without its row
+    with Store(root) as reopened:
+        assert not orphan.exists()
+        assert reopened.list_images("p") == [real]
+        assert reopened.image_path(real).read_bytes() == jpeg(1)
+        assert visible_files(reopened.blob_dir) == [reopened.image_path(real)]
+        record, added = reopened.add_image("p", "a", jpeg(2), UPLOAD)  # the same picture can be added again
+        assert added and reopened.image_path(record).read_bytes() == jpeg(2)
 
 
 @pytest.mark.parametrize("fail_at", ["write", "replace"])

