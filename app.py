@@ -10,7 +10,7 @@ import os
 import streamlit as st
 
 from nanostream import jobs, ui
-from nanostream.sample import ensure_sample_project
+from nanostream.flows.sample import ensure_sample_project
 
 st.set_page_config(page_title="NanoStream", page_icon=":material/neurology:", layout="wide")
 

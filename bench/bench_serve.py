@@ -56,10 +56,10 @@ def free_port() -> int:
 
 def train_model(home: Path, per_class: int) -> str:
     """A model trained on per_class photos of each class of hymenoptera/train; returns its id."""
-    from nanostream.data import scan_folder
-    from nanostream.models import save_trained
+    from nanostream.engine.data import scan_folder
+    from nanostream.engine.models import save_trained
     from nanostream.paths import datasets_dir
-    from nanostream.train import TrainConfig, train
+    from nanostream.engine.train import TrainConfig, train
 
     data = home / "data"
     for label in ("ants", "bees"):
@@ -230,8 +230,8 @@ def main() -> None:
     try:
         import torch
 
-        from nanostream import keys
-        from nanostream.device import machine_summary
+        from nanostream.store import keys
+        from nanostream.engine.device import machine_summary
 
         print(machine_summary(), flush=True)
 

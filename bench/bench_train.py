@@ -42,13 +42,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from nanostream import backbones  # noqa: E402
-from nanostream.data import scan_folder  # noqa: E402
-from nanostream.device import machine_summary  # noqa: E402
-from nanostream.features import FeatureCache  # noqa: E402
-from nanostream.images import load_image  # noqa: E402
+from nanostream.engine import backbones  # noqa: E402
+from nanostream.engine.data import scan_folder  # noqa: E402
+from nanostream.engine.device import machine_summary  # noqa: E402
+from nanostream.engine.features import FeatureCache  # noqa: E402
+from nanostream.engine.images import load_image  # noqa: E402
 from nanostream.paths import datasets_dir  # noqa: E402
-from nanostream.train import TrainConfig, train  # noqa: E402
+from nanostream.engine.train import TrainConfig, train  # noqa: E402
 
 
 def link_subset(pairs, dest: Path) -> Path:
@@ -154,6 +154,9 @@ def nanostream_build(data: Path, cache: Path, prefer: str | None = None) -> dict
 
 
 def child_build(data: Path, cache: Path, prefer: str | None) -> None:
+    from nanostream.process import keep_freed_memory
+
+    keep_freed_memory()  # as the app's worker and the CLI do
     started = time.perf_counter()
     result = train(scan_folder(data), replace(TrainConfig(), prefer=prefer), cache=FeatureCache(cache))
     seconds = time.perf_counter() - started
@@ -221,7 +224,7 @@ def single_image_latency(model_id: str, photo: Path, repeats: int = 41) -> tuple
     """Median seconds: classify one JPEG (decode, resize, backbone, head) vs the backbone alone.
 
     The two alternate, so a slow spell of the machine hits both alike."""
-    from nanostream.predict import load_classifier
+    from nanostream.engine.predict import load_classifier
 
     classifier = load_classifier(model_id)
     data = photo.read_bytes()
@@ -252,8 +255,8 @@ def app_builds(work: Path, warm: bool) -> dict:
     warm: the app's warm worker (standby.py), started as the app starts it and waited for, as a
     user reading the page for a few seconds would; otherwise every job starts a fresh process."""
     from nanostream import jobs, standby
-    from nanostream.sample import SAMPLE_NAME, ensure_sample_project
-    from nanostream.store import FINISHED, Store
+    from nanostream.flows.sample import SAMPLE_NAME, ensure_sample_project
+    from nanostream.store.db import FINISHED, Store
 
     home = work / f"home-app-{'warm' if warm else 'cold'}"
     saved = dict(os.environ)
@@ -267,8 +270,8 @@ def app_builds(work: Path, warm: bool) -> dict:
                 if warm:
                     started = time.perf_counter()
                     jobs.warm_up(store)
-                    process = standby._current[1]
-                    while not standby.ready_path(process.pid).is_file():
+                    process = standby.current()
+                    while not standby.ready_path(jobs.jobs_dir(), process.pid).is_file():
                         time.sleep(0.05)
                     figures[f"{label}_warm_up_seconds"] = time.perf_counter() - started
                 started = time.perf_counter()
@@ -353,7 +356,7 @@ def main() -> None:
               + ", ".join(f"{k} {v:.3f}" for k, v in f["candidates"].items()), flush=True)
 
     # one image, one model (the hymenoptera build, registered like any other)
-    from nanostream.models import save_trained
+    from nanostream.engine.models import save_trained
 
     result = train(scan_folder(sets["hymenoptera"]), TrainConfig(), cache=FeatureCache(work / "features-latency"))
     model_id, _ = save_trained(result)

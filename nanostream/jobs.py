@@ -1,6 +1,6 @@
 """Background jobs whose state lives in the store: model builds, web image searches, pasted URL
-lists and the suspicious-image ranking, each run by `python -m nanostream.jobs <job_id>` in a
-process of its own.
+lists and the suspicious-image ranking, each run by a worker process of its own (worker.py: a
+fresh one, or the warm one standby.py keeps waiting).
 
 A page starts a job (start_build, start_search, start_url_list, start_rank) and polls store.get_job; the worker
 writes status, stage, progress, message, result and error there, refreshes the heartbeat while
@@ -11,7 +11,6 @@ its process is gone, or its heartbeat is older than STALE_AFTER_S.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -27,7 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import paths, standby
-from .store import FINISHED, Job, Store, StoreError
+from .store.db import FINISHED, Job, Store, StoreError
 
 KINDS = ("build", "search", "urls", "rank")
 HEARTBEAT_S = 2.0           # the worker refreshes updated_at this often while its process lives
@@ -63,7 +62,7 @@ def log_path(job_id: str) -> Path:
     return jobs_dir() / f"{job_id}.log"
 
 
-def _pid_path(job_id: str) -> Path:
+def pid_path(job_id: str) -> Path:
     return jobs_dir() / f"{job_id}.pid"
 
 
@@ -101,7 +100,7 @@ def _worker_env() -> dict[str, str]:
 
 def warm_up(store: Store) -> None:
     """Have a warm worker waiting for this store's next job (standby.py): the app calls it at start."""
-    standby.warm_up(store.root, _worker_env())
+    standby.warm_up(store.root, _worker_env(), jobs_dir())
 
 
 def _launch(store: Store, job_id: str) -> None:
@@ -113,27 +112,27 @@ def _launch(store: Store, job_id: str) -> None:
         with open(log_path(job_id), "ab") as log:
             try:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "nanostream.jobs", job_id, "--root", str(store.root)],
+                    [sys.executable, "-m", "nanostream.worker", job_id, "--root", str(store.root)],
                     cwd=paths.REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                     start_new_session=True)
             except OSError as exc:
                 store.update_job(job_id, status="failed", error=f"could not start the worker: {exc.strerror or exc}")
                 raise JobError(f"could not start the worker: {exc.strerror or exc}") from None
-    _pid_path(job_id).write_text(str(process.pid))
+    pid_path(job_id).write_text(str(process.pid))
     _children[job_id] = process
 
 
 def start_build(store: Store, project: str, config) -> str:
     """Check that the project can be built with config (a train.TrainConfig), then build it in a worker.
     Returns the job id; JobError says what to fix when the build cannot start."""
-    from .train import MODES
+    from .engine.train import MODES
 
     try:
         config.policy()  # unknown policy or fill mode: say so now, not in a worker
         if config.mode not in MODES:
             raise ValueError(f"unknown mode '{config.mode}'; valid: {', '.join(MODES)}")
         if config.backbone != "auto":
-            from .backbones import get_spec
+            from .engine.backbones import get_spec
             get_spec(config.backbone)
     except ValueError as exc:
         raise JobError(str(exc)) from None
@@ -175,7 +174,7 @@ def start_search(store: Store, project: str, categories: Sequence[str] | None = 
 
 def start_url_list(store: Store, project: str, category: str, text: str) -> str:
     """Download the images of a pasted URL list (one per line) into a category, in a worker."""
-    from .ingest import IngestLimits, parse_url_list
+    from .sources.ingest import IngestLimits, parse_url_list
 
     category = store.get_category(project, category).name
     urls, bad = parse_url_list(text)
@@ -246,7 +245,7 @@ def _pid_gone(path: Path) -> bool:
 
 def _worker_gone(job: Job) -> bool:
     """True when the job's worker process is known to have exited (this machine's pid file)."""
-    return _pid_gone(_pid_path(job.id))
+    return _pid_gone(pid_path(job.id))
 
 
 def _remove_stale_pid_files(store: Store, pid_files: Sequence[Path]) -> None:
@@ -363,8 +362,8 @@ def run_job(store: Store, job_id: str) -> Job | None:
 
 def _user_message(exc: Exception, job: Job) -> str:
     """What the user reads: the message of a failure they can act on; a pointer to the log otherwise."""
-    from .backbones import BackboneUnavailable
-    from .data import DataError
+    from .engine.backbones import BackboneUnavailable
+    from .engine.data import DataError
 
     if isinstance(exc, (JobFailed, DataError, StoreError, OSError, BackboneUnavailable)):
         return str(exc)
@@ -376,7 +375,7 @@ def _user_message(exc: Exception, job: Job) -> str:
 
 def previous_backbone(store: Store, project: str) -> str | None:
     """The backbone of the project's latest build, so a rebuild keeps it unless another is clearly better."""
-    from .bundle import BundleError, read_bundle
+    from .engine.bundle import BundleError, read_bundle
 
     for record in store.list_models(project):  # newest first
         try:
@@ -387,10 +386,10 @@ def previous_backbone(store: Store, project: str) -> str | None:
 
 
 def _build(store: Store, job: Job, report: _Reporter) -> dict:
-    from .data import Dataset, LabeledImage
-    from .device import default_device
-    from .models import save_trained
-    from .train import TrainConfig, train
+    from .engine.data import Dataset, LabeledImage
+    from .engine.device import default_device
+    from .engine.models import save_trained
+    from .engine.train import TrainConfig, train
 
     config = TrainConfig(**job.params["config"])
     if config.backbone == "auto" and config.prefer is None:
@@ -446,8 +445,8 @@ def _device_name(device) -> str:
 def _advice(store: Store, job: Job, result, records, device) -> dict:
     """How many more images per category would reach 95%: the learning curve of this project's
     images with the chosen backbone (features come from the cache the build just filled)."""
-    from .experiments import images_needed, plot_learning_curve
-    from .features import extract_features
+    from .experiments.research import images_needed, plot_learning_curve
+    from .engine.features import extract_features
 
     try:
         feats = extract_features([store.image_path(r) for r in records], result.backbone, device=device)
@@ -477,10 +476,10 @@ def _check_online() -> None:
 def _search(store: Store, job: Job, report: _Reporter) -> dict:
     """The CLI's `images search` (cli_project: its provider and its way of storing hits), as a job:
     category by category, each one's images stored as soon as they are downloaded."""
-    from .cli_project import PROVIDER_ENV, load_provider
-    from .ingest import add_search_hits
-    from .download import fetch_images
-    from .search import QueryCache, SearchPacing, search_category
+    from .cli.project import PROVIDER_ENV, load_provider
+    from .sources.ingest import add_search_hits
+    from .sources.download import fetch_images
+    from .sources.search import QueryCache, SearchPacing, search_category
 
     if not os.environ.get(PROVIDER_ENV):  # a stand-in provider (tests) needs no internet
         _check_online()
@@ -523,7 +522,7 @@ def _search(store: Store, job: Job, report: _Reporter) -> dict:
 # -- pasted URL lists
 
 def _urls(store: Store, job: Job, report: _Reporter) -> dict:
-    from .ingest import add_sources
+    from .sources.ingest import add_sources
 
     listing = jobs_dir() / f"{job.id}-urls.txt"  # ingest reads URL lists from .txt files
     listing.write_text(job.params["text"])
@@ -537,7 +536,7 @@ def _urls(store: Store, job: Job, report: _Reporter) -> dict:
 # -- suspicious-image ranking
 
 def _rank(store: Store, job: Job, report: _Reporter) -> dict:
-    from .ranking import rank_suspicious
+    from .flows.review import rank_suspicious
 
     ranked = rank_suspicious(store, job.project, on_progress=lambda d, t: report.progress("ranking", d, t))
     table = {name: [{"id": s.image_id, "score": s.score if math.isfinite(s.score) else None,
@@ -547,18 +546,3 @@ def _rank(store: Store, job: Job, report: _Reporter) -> dict:
     path.write_text(json.dumps(table))
     return {"fingerprint": job.params.get("fingerprint"), "path": str(path),
             "flagged": sum(bool(s.reasons) for suspects in ranked.values() for s in suspects)}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanostream.jobs", description="run one background job")
-    parser.add_argument("job_id")
-    parser.add_argument("--root", help="the store's folder (default: NANOSTREAM_HOME)")
-    args = parser.parse_args(argv)
-    with Store(args.root) as store:
-        job = run_job(store, args.job_id)
-    _pid_path(args.job_id).unlink(missing_ok=True)
-    return 0 if job is None or job.status != "failed" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

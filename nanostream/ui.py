@@ -11,9 +11,9 @@ from pathlib import Path
 import streamlit as st
 
 from . import paths
-from .images import decode_image
-from .ingest import IngestReport, add_uploads  # noqa: F401 - add_uploads: the Images page calls ui.add_uploads
-from .store import Store
+from .engine.images import decode_image
+from .sources.ingest import IngestReport, add_uploads  # noqa: F401 - add_uploads: the Images page calls ui.add_uploads
+from .store.db import Store
 
 NOT_SURE = 0.6            # default threshold: below it the top class is shown as "not sure"
 MIN_PER_CATEGORY = 5      # fewer: the held-out score rests on one or two photos of the category
@@ -71,7 +71,7 @@ def require_project() -> str:
 @st.cache_resource(max_entries=4)
 def load_model(bundle_path: str):
     """A predict.Classifier, loaded once per app process and shared by every session (never mutated)."""
-    from .predict import load_classifier
+    from .engine.predict import load_classifier
 
     return load_classifier(bundle_path)
 
@@ -138,7 +138,7 @@ def job_progress_ui(job_id: str, compact_text: str | None = None) -> None:
     """A running job's stage and progress with a Cancel button (or only compact_text and the
     percentage), polled every second; the whole page reruns once the job has finished."""
     from .jobs import reap
-    from .store import FINISHED, StoreError
+    from .store.db import FINISHED, StoreError
 
     store = open_store()
     reap(store)
@@ -192,9 +192,9 @@ def describe_policy(policy) -> str:
 @st.cache_data(ttl=300, show_spinner="Loading the build options…")
 def build_choices() -> dict:
     """What the Build page offers: augmentation policies (in words), fill modes, backbones, modes."""
-    from .augment import FILL_MODES, POLICIES
-    from .backbones import available_backbones, get_spec
-    from .train import MODES
+    from .engine.augment import FILL_MODES, POLICIES
+    from .engine.backbones import available_backbones, get_spec
+    from .engine.train import MODES
 
     return {
         "policies": {name: describe_policy(policy) for name, policy in POLICIES.items()},
@@ -295,9 +295,9 @@ def augmentation_preview(image_paths: Sequence[str], policy_name: str, fill: str
     The one helper here that needs torch: it is imported only when a preview is drawn."""
     import numpy as np
 
-    from .augment import augment_image, get_policy, view_seed, with_fill
-    from .backbones import get_spec, prepare_image
-    from .images import content_hash
+    from .engine.augment import augment_image, get_policy, view_seed, with_fill
+    from .engine.backbones import get_spec, prepare_image
+    from .store.db import content_hash
 
     policy = get_policy(policy_name)
     if fill:

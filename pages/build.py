@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from nanostream import jobs, ui
-from nanostream.store import FINISHED, StoreError
+from nanostream.store.db import FINISHED, StoreError
 
 ui.run_through_app()
 store = ui.open_store()
@@ -59,7 +59,7 @@ def options_ui() -> None:
                              "keep it only if it scores better.")
         views = st.number_input("Augmented copies per photo", 0, 16, choices["views"][policy], key=f"build_views_{policy}")
     if st.button("Build model", type="primary", key="build_go", icon=":material/model_training:"):
-        from nanostream.train import TrainConfig
+        from nanostream.engine.train import TrainConfig
 
         start(TrainConfig(backbone=backbone, augment=policy, fill=fill, views=int(views), mode=mode))
 
@@ -93,7 +93,7 @@ def fixes_ui(result: dict) -> None:
             st.rerun()
     if st.session_state.get("build_fixed"):
         if st.button("Rebuild with the fixes", type="primary", key="build_rebuild"):
-            from nanostream.train import TrainConfig
+            from nanostream.engine.train import TrainConfig
 
             st.session_state["build_fixed"] = False
             start(TrainConfig(**job.params["config"]))

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from nanostream import ui
-from nanostream.store import StoreError
+from nanostream.store.db import StoreError
 
 ui.run_through_app()
 store = ui.open_store()

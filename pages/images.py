@@ -5,7 +5,7 @@ import time
 import streamlit as st
 
 from nanostream import jobs, ui
-from nanostream.store import FINISHED, StoreError
+from nanostream.store.db import FINISHED, StoreError
 
 PAGE_SIZE, PER_ROW = 24, 6
 FROM_FOLDERS = "(use folder names as categories)"

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from nanostream import keys, ui
-from nanostream.bundle import BundleError
-from nanostream.models import export_path
+from nanostream.store import keys
+from nanostream import ui
+from nanostream.engine.bundle import BundleError
+from nanostream.engine.models import export_path
 
 # `nanostream serve` runs the HTTP API apart from this app; say where people reach it.
 API_URL = os.environ.get("NANOSTREAM_API_URL", "http://localhost:8000")
@@ -100,7 +101,7 @@ for fmt, (label, ext) in EXPORTS.items():
         right.download_button(f"{label} labels and preprocessing (.json)", labels.read_bytes(),
                               file_name=labels.name, key=f"share_dl_{fmt}_labels")
     elif bundle.is_file() and st.button(f"Prepare the {label} file", key=f"share_export_{fmt}"):
-        from nanostream.export import export_model
+        from nanostream.engine.export import export_model
 
         with st.spinner(f"Exporting to {label}…"):
             try:

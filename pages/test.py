@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from nanostream import ingest, ui
+from nanostream.sources import ingest
+from nanostream import ui
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 MAX_URLS = 20  # fetched while the page waits: a handful, not a batch job
@@ -36,8 +37,8 @@ with photos_tab:
 with urls_tab:
     text = st.text_area(f"Image URLs, one per line (up to {MAX_URLS})", key="test_urls")
     if st.button("Classify", key="test_urls_go") and text.strip():
-        from nanostream.download import fetch_images
-        from nanostream.ingest import parse_url_list
+        from nanostream.sources.download import fetch_images
+        from nanostream.sources.ingest import parse_url_list
 
         urls, bad = parse_url_list(text)
         for line, content in bad:

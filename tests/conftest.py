@@ -56,9 +56,9 @@ def tiny_hymenoptera(datasets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_model(tiny_hymenoptera):
     """(model_id, bundle path) of a real ants/bees model trained on the tiny slice."""
-    from nanostream.data import scan_folder
-    from nanostream.models import save_trained
-    from nanostream.train import TrainConfig, train
+    from nanostream.engine.data import scan_folder
+    from nanostream.engine.models import save_trained
+    from nanostream.engine.train import TrainConfig, train
 
     result = train(scan_folder(tiny_hymenoptera), TrainConfig(backbone="efficientnet_lite0", views=1))
     return save_trained(result)

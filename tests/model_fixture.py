@@ -31,10 +31,10 @@ def _photos(folder: Path) -> list[Path]:
 
 @functools.cache
 def tiny_model() -> TinyModel:
-    from nanostream.data import scan_folder
-    from nanostream.models import save_trained
+    from nanostream.engine.data import scan_folder
+    from nanostream.engine.models import save_trained
     from nanostream.paths import datasets_dir
-    from nanostream.train import TrainConfig, train
+    from nanostream.engine.train import TrainConfig, train
 
     source = datasets_dir() / "hymenoptera"
     data = Path(tempfile.mkdtemp(prefix="nanostream-tiny-model-"))
@@ -54,7 +54,7 @@ def tiny_model() -> TinyModel:
 
 def copy_as(model: TinyModel, models_dir: Path, model_id: str) -> Path:
     """The same weights registered under another id (a second model without a second training)."""
-    from nanostream.bundle import read_bundle, save_bundle
+    from nanostream.engine.bundle import read_bundle, save_bundle
 
     meta, tensors = read_bundle(model.path)
     return save_bundle(models_dir / f"{model_id}.safetensors", {**meta, "model_id": model_id}, tensors)

@@ -25,12 +25,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model_fixture import TinyModel, copy_as, tiny_model
-from nanostream import cli, keys
-from nanostream.api import RateLimiter, ServeConfig, client_id, create_app, decoded_pixels
-from nanostream.batching import BatchConfig, BatcherClosed, MicroBatcher
-from nanostream.images import decode_image, normalize_image
-from nanostream.keys import ApiKey
-from nanostream.predict import load_classifier
+from nanostream.cli import main as cli
+from nanostream.store import keys
+from nanostream.api.app import RateLimiter, ServeConfig, client_id, create_app, decoded_pixels
+from nanostream.api.batching import BatchConfig, BatcherClosed, MicroBatcher
+from nanostream.engine.images import decode_image, normalize_image
+from nanostream.store.keys import ApiKey
+from nanostream.engine.predict import load_classifier
 
 PRIVATE, PUBLIC = "m-00000000a1", "m-00000000b2"  # ids as NanoStream makes them: m- and 10 hex digits
 TOL = 1e-5
@@ -258,7 +259,7 @@ def test_private_and_bad_urls_are_422(client, served):
 
 
 def test_a_model_that_cannot_load_here_is_503(client, served):
-    from nanostream.bundle import read_bundle, save_bundle
+    from nanostream.engine.bundle import read_bundle, save_bundle
 
     meta, tensors = read_bundle(served.model.path)
     broken = save_bundle(served.home / "models" / "m-00000000c3.safetensors",
@@ -428,7 +429,7 @@ def test_a_trace_that_differs_is_not_served_and_the_log_says_why(served, monkeyp
         traced = real_trace(module, example, **kwargs)
         return lambda x: traced(x).float() * 1.01  # a 1% drift: more than rounding, in bf16 too (~0.4%)
     monkeypatch.setattr(torch.jit, "trace", off_by_a_little)
-    with caplog.at_level("WARNING", logger="nanostream.predict"):
+    with caplog.at_level("WARNING", logger="nanostream.engine.predict"):
         assert classifier.traced() is classifier
     assert f"model {classifier.model_id} served untraced: the trace differs from the network by" in caplog.text
 

@@ -16,9 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model_fixture import copy_as, tiny_model
-from nanostream import cli, download
-from nanostream.api import ServeConfig, create_app
-from nanostream.download import MAX_URL_CHARS, PRIVATE_REFUSAL
+from nanostream.cli import main as cli
+from nanostream.sources import download
+from nanostream.api.app import ServeConfig, create_app
+from nanostream.sources.download import MAX_URL_CHARS, PRIVATE_REFUSAL
 from test_download import assert_never_connected, closed_port, drip_headers, quiet_port, raw_server
 
 PUBLIC = "m-00000000f1"  # published: anyone may ask it, no key needed

@@ -25,8 +25,9 @@ import pytest
 import uvicorn
 
 from model_fixture import copy_as, tiny_model
-from nanostream import cli, keys
-from nanostream.api import create_app
+from nanostream.cli import main as cli
+from nanostream.store import keys
+from nanostream.api.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE, PUBLIC = "m-00000000a1", "m-00000000b2"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from nanostream.images import normalize_image
-from nanostream.store import FINISHED, Provenance, Store
+from nanostream.engine.images import normalize_image
+from nanostream.store.db import FINISHED, Provenance, Store
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SAMPLE = "Sample: ants and bees"
@@ -113,7 +113,7 @@ def test_pages_and_their_helpers_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import nanostream.ui, nanostream.jobs, nanostream.sample, nanostream.keys; "
+    code = ("import sys; import nanostream.ui, nanostream.jobs, nanostream.flows.sample, nanostream.store.keys; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(APP).parent)
     for page in Path(APP).parent.glob("pages/*.py"):

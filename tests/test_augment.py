@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanostream import augment as A
-from nanostream.augment import FILL_MODES, AugmentPolicy
+from nanostream.engine import augment as A
+from nanostream.engine.augment import FILL_MODES, AugmentPolicy
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHIFTS = [(2, 1), (-3, 2), (1, -2), (-2, -3), (7, -9)]  # both signs; the last exceeds the image size

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torchvision
 
-from nanostream import backbones
-from nanostream.backbones import BackboneUnavailable, get_spec, load_backbone, prepare_image
-from nanostream.images import load_image
+from nanostream.engine import backbones
+from nanostream.engine.backbones import BackboneUnavailable, get_spec, load_backbone, prepare_image
+from nanostream.engine.images import load_image
 
 ANT, BEE = 310, 309  # ImageNet class indices
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanostream.bundle import MAX_HEADER_BYTES, BundleError, read_bundle, read_header, save_bundle
+from nanostream.engine.bundle import MAX_HEADER_BYTES, BundleError, read_bundle, read_header, save_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTH = 1280  # efficientnet_lite0's features

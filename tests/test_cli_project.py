@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from nanostream import paths
-from nanostream.cli import main
-from nanostream.data import scan_folder
-from nanostream.search import ImageHit, RateLimited, SearchPacing
-from nanostream.store import Store
+from nanostream.cli.main import main
+from nanostream.engine.data import scan_folder
+from nanostream.sources.search import ImageHit, RateLimited, SearchPacing
+from nanostream.store.db import Store
 
 # ---------------------------------------------------------------- helpers
 
@@ -151,8 +151,8 @@ def test_images_add_file_folder_zip_and_url_list(capsys, home, datasets, tmp_pat
 
 _KILLED_IMAGES_ADD = """
 import os, signal, sys
-from nanostream.cli import main
-from nanostream.store import Store
+from nanostream.cli.main import main
+from nanostream.store.db import Store
 
 write_blob = Store._write_blob
 
@@ -316,7 +316,7 @@ def test_train_a_project_and_review_it(capsys, home, datasets, tmp_path):
     summary = ok(capsys, "train", "hymenoptera", "--backbone", "efficientnet_lite0", "--views", "1", "--json")
     assert summary["classes"] == ["ants", "bees"]  # the empty category is left out
     assert summary["n_train"] + summary["n_val"] == 12 and 0.5 <= summary["accuracy"] <= 1
-    from nanostream.store import Store
+    from nanostream.store.db import Store
     assert [m.model_id for m in Store().list_models("hymenoptera")] == [summary["model_id"]]
 
     review = ok(capsys, "images", "review", "hymenoptera", "--json", "--quiet")

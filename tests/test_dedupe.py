@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from nanostream import images
-from nanostream.dedupe import (
+from nanostream.engine import images
+from nanostream.engine.dedupe import (
     NEAR_THRESHOLD, DuplicateGroup, ImageRef, cross_category_conflicts, find_duplicates, group_ids,
     leaking_groups, perceptual_hash, within_category_drops,
 )

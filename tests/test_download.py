@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 from werkzeug import Response
 
-from nanostream import download, images
-from nanostream.download import (MAX_URL_CHARS, PRIVATE_REFUSAL, DownloadError, DownloadLimits, check_url,
+from nanostream.sources import download
+from nanostream.engine import images
+from nanostream.sources.download import (MAX_URL_CHARS, PRIVATE_REFUSAL, DownloadError, DownloadLimits, check_url,
                                  fetch_image, fetch_images)
 from nanostream.paths import datasets_dir
 
@@ -468,7 +469,7 @@ def test_an_unexpected_error_names_its_type_only(monkeypatch, caplog):
         raise RuntimeError("/srv/nanostream/secret.py <object at 0x7f00>")
 
     monkeypatch.setattr(download, "fetch_image", broken)
-    with caplog.at_level("ERROR", logger="nanostream.download"):
+    with caplog.at_level("ERROR", logger="nanostream.sources.download"):
         report = fetch_images(["http://example.com/a.jpg"])
     assert [(f.url, f.reason) for f in report.failed] == [("http://example.com/a.jpg", "unexpected error (RuntimeError)")]
     assert "secret.py" in caplog.text  # the details stay in the server's log

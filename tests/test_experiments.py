@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import copy_slice
-from nanostream import experiments as E
-from nanostream.cli import main
-from nanostream.data import scan_folder
-from nanostream.features import FeatureCache
+from nanostream.experiments import research as E
+from nanostream.cli.main import main
+from nanostream.engine.data import scan_folder
+from nanostream.engine.features import FeatureCache
 
 ARM_KEYS = {"accuracies", "mean", "std"}
 # Tiny but real: 3 classes x 6 photos; 2 seeds, 1 view per image keep the module near 30 s on 2 cores.
@@ -90,7 +90,7 @@ def test_augmentation_arms_shape_and_same_seed_same_numbers(flowers):
 
 
 def test_default_arms_are_none_default_and_each_technique():
-    from nanostream.augment import single_technique_policies
+    from nanostream.engine.augment import single_technique_policies
 
     assert list(E.augmentation_arms()) == ["none", "default", *single_technique_policies()]
     with pytest.raises(ValueError, match="valid: none, default"):

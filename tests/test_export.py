@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from model_fixture import tiny_model
-from nanostream import cli
-from nanostream.bundle import read_bundle
-from nanostream.export import export_model, labels_path_for
-from nanostream.predict import Classifier
+from nanostream.cli import main as cli
+from nanostream.engine.bundle import read_bundle
+from nanostream.engine.export import export_model, labels_path_for
+from nanostream.engine.predict import Classifier
 
 TOL = 1e-4
 

@@ -3,8 +3,8 @@ import shutil
 import pytest
 import torch
 
-from nanostream.augment import get_policy
-from nanostream.features import FeatureCache, extract_features
+from nanostream.engine.augment import get_policy
+from nanostream.engine.features import FeatureCache, extract_features
 
 
 @pytest.fixture()
@@ -68,8 +68,8 @@ def test_should_stop_interrupts(photos, tmp_path):
 
 
 def test_unchanged_files_are_not_read_again_and_changed_ones_are(photos, tmp_path, monkeypatch):
-    from nanostream import features
-    from nanostream.images import content_hash
+    from nanostream.engine import features
+    from nanostream.store.db import content_hash
 
     cache = FeatureCache(tmp_path / "cache")
     extract_features(photos, "efficientnet_lite0", cache=cache)

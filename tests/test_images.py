@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanostream.images import BadImage, decode_image
+from nanostream.engine.images import BadImage, decode_image
 
 
 def _jpeg(image: Image.Image, **save) -> bytes:

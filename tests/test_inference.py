@@ -6,11 +6,11 @@ import torch
 from timm.layers import Conv2dSame
 from torch import nn
 
-from nanostream import backbones, device, inference
-from nanostream.backbones import Backbone, get_spec, load_backbone, prepare_image, weights_fingerprint
-from nanostream.device import CpuInfo, cpu_info, precision
-from nanostream.images import load_image
-from nanostream.inference import (ConvClamp, fold_batchnorm, for_inference, fuse_clamps, inference_backbone,
+from nanostream.engine import backbones, device, inference
+from nanostream.engine.backbones import Backbone, get_spec, load_backbone, prepare_image, weights_fingerprint
+from nanostream.engine.device import CpuInfo, cpu_info, precision
+from nanostream.engine.images import load_image
+from nanostream.engine.inference import (ConvClamp, fold_batchnorm, for_inference, fuse_clamps, inference_backbone,
                                   prepared_path, same_padding_plan, unpad_same_convs)
 
 
@@ -62,7 +62,7 @@ def test_a_cpu_without_bf16_kernels_gets_fp32_even_when_bf16_is_asked_for(monkey
     assert precision(CPU) == "fp32"
     assert avx2.describe() == "AMD EPYC 7B13; AVX2; bf16 kernels no"
     monkeypatch.setenv("NANOSTREAM_PRECISION", "bf16")
-    with caplog.at_level("WARNING", logger="nanostream.device"):
+    with caplog.at_level("WARNING", logger="nanostream.engine.device"):
         assert precision(CPU) == "fp32"
     assert "NANOSTREAM_PRECISION=bf16 ignored" in caplog.text and "AMD EPYC 7B13" in caplog.text
     # AVX-512 without BF16 (Skylake-X, Cascade Lake): bf16 runs there, emulated and slower, so fp32

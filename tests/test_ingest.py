@@ -10,10 +10,10 @@ import zipfile
 import pytest
 from PIL import Image
 
-from nanostream import download
-from nanostream.images import content_hash
-from nanostream.ingest import IngestLimits, IngestReport, add_sources, add_upload, layout_categories, safe_parts
-from nanostream.store import Store, StoreError
+from nanostream.sources import download
+from nanostream.store.db import content_hash
+from nanostream.sources.ingest import IngestLimits, IngestReport, add_sources, add_upload, layout_categories, safe_parts
+from nanostream.store.db import Store, StoreError
 
 
 def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (12, 10)) -> bytes:
@@ -245,7 +245,7 @@ def test_upload_single_image(store):
 # -- URL lists ----------------------------------------------------------------------------------
 
 def fetched(url: str, seed: int) -> download.Fetched:
-    from nanostream.images import normalize_image
+    from nanostream.engine.images import normalize_image
     data = normalize_image(image_bytes(seed))
     return download.Fetched(url=url, final_url=url + "?cdn", data=data, content_hash=content_hash(data),
                             width=12, height=10, content_type="image/png")
@@ -351,7 +351,7 @@ def test_new_categories_are_counted_across_one_call_and_known_ones_are_free(stor
 
 
 def test_a_folder_upload_with_too_many_folders_creates_no_category(store):
-    from nanostream.ingest import add_uploads
+    from nanostream.sources.ingest import add_uploads
 
     files = [(f"photos/f{i}/a.png", image_bytes(i)) for i in range(4)]
     report = add_uploads(store, "p", None, files, limits=IngestLimits(max_new_categories=3))

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from nanostream import jobs
-from nanostream.images import normalize_image
-from nanostream.store import FINISHED, Provenance, Store
-from nanostream.train import TrainConfig
+from nanostream.engine.images import normalize_image
+from nanostream.store.db import FINISHED, Provenance, Store
+from nanostream.engine.train import TrainConfig
 
 TINY = TrainConfig(backbone="efficientnet_lite0", views=1)
 BUILD_TIMEOUT_S = 300  # a cold worker on two CPU cores: torch import, backbone load, features
@@ -251,7 +251,7 @@ class socket_closed_port:
 
 
 def test_search_keeps_partial_results_when_rate_limited(store, ants_and_bees, monkeypatch):
-    from nanostream import download, search
+    from nanostream.sources import download, search
 
     store.add_category(ants_and_bees, "wasps")
     colors = {"ants": ["red", "green"], "bees": [], "wasps": ["blue"]}
@@ -271,7 +271,7 @@ def test_search_keeps_partial_results_when_rate_limited(store, ants_and_bees, mo
         fetched = [download.Fetched(u, u, _jpeg(u.rsplit("/", 1)[1][:-4]), "", 64, 48, "image/jpeg") for u in urls]
         return download.FetchReport(tuple(fetched), ())
 
-    from nanostream import cli_project
+    from nanostream.cli import project as cli_project
 
     monkeypatch.setenv(cli_project.PROVIDER_ENV, "stand-in")  # no internet check for a stand-in provider
     monkeypatch.setattr(cli_project, "load_provider", FakeProvider)

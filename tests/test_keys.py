@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nanostream import cli, keys
+from nanostream.cli import main as cli
+from nanostream.store import keys
 
 
 @pytest.fixture(autouse=True)

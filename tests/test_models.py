@@ -15,10 +15,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from nanostream import keys
-from nanostream.bundle import BundleError, read_header, save_bundle
-from nanostream.models import export_path, model_path, resolve_model, scan_models
-from nanostream.store import Store, StoreError
+from nanostream.store import keys
+from nanostream.engine.bundle import BundleError, read_header, save_bundle
+from nanostream.engine.models import export_path, model_path, resolve_model, scan_models
+from nanostream.store.db import Store, StoreError
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD, BROKEN, VICTIM = "m-00000000a1", "m-00000000b2", "m-00000000c3"
@@ -138,10 +138,10 @@ def damaged(home) -> Path:
 
 
 def test_the_api_lists_the_sound_models_and_logs_the_damaged_one(damaged, caplog):
-    from nanostream.api import create_app
+    from nanostream.api.app import create_app
 
     _, key = keys.create_key("tests")
-    with TestClient(create_app()) as client, caplog.at_level(logging.WARNING, logger="nanostream.api"):
+    with TestClient(create_app()) as client, caplog.at_level(logging.WARNING, logger="nanostream.api.app"):
         for headers in ({"Authorization": f"Bearer {key}"}, {}):
             response = client.get("/v1/models", headers=headers)
             assert response.status_code == 200, response.text

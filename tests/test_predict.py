@@ -4,9 +4,9 @@ import shutil
 import pytest
 import torch
 
-from nanostream.bundle import BundleError, read_bundle, save_bundle
-from nanostream.models import resolve_model
-from nanostream.predict import load_classifier
+from nanostream.engine.bundle import BundleError, read_bundle, save_bundle
+from nanostream.engine.models import resolve_model
+from nanostream.engine.predict import load_classifier
 
 
 def test_bundle_header_says_how_the_model_was_made(trained_model):

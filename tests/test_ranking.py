@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from nanostream.ingest import add_sources
-from nanostream.ranking import (
+from nanostream.sources.ingest import add_sources
+from nanostream.flows.review import (
     duplicate_reasons, rank_suspicious, suspicion_scores,
 )
-from nanostream.dedupe import DuplicateGroup
-from nanostream.store import Store
+from nanostream.engine.dedupe import DuplicateGroup
+from nanostream.store.db import Store
 
 
 def reference_scores(x: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import primp
 import pytest
 
-from nanostream.search import (
+from nanostream.sources.search import (
     DDGSProvider, ImageHit, QueryCache, RateLimited, SearchError, SearchPacing, SearchTimeout,
     backoff_delay, query_variants, search_category,
 )

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from nanostream import jobs, standby
-from nanostream.store import FINISHED, Store
+from nanostream.store.db import FINISHED, Store
 
 
 @pytest.fixture()
@@ -34,33 +34,33 @@ def test_a_job_handed_to_the_warm_worker_runs_there_and_the_next_one_is_warmed(w
     store = warm_store
     store.create_project("p", ["a", "b"])
     jobs.warm_up(store)
-    first = standby._current[1]
-    wait_for(lambda: standby.ready_path(first.pid).is_file())  # imported and loaded: waiting on stdin
+    first = standby.current()
+    wait_for(lambda: standby.ready_path(jobs.jobs_dir(), first.pid).is_file())  # imported and loaded: waiting on stdin
     job = store.create_job("p", "nosuchkind", {})  # the worker reports an unknown kind: no training needed
     jobs._launch(store, job.id)
-    assert int(jobs._pid_path(job.id).read_text()) == first.pid  # the warm process took it
-    assert standby._current is None  # nothing waits while the job runs: it would take its CPU
+    assert int(jobs.pid_path(job.id).read_text()) == first.pid  # the warm process took it
+    assert standby.current() is None  # nothing waits while the job runs: it would take its CPU
     done = wait_for(lambda: (j := store.get_job(job.id)).status in FINISHED and j)
     assert done.status == "failed" and "unknown job kind 'nosuchkind'" in done.error
-    assert first.wait(30) == 1 and not standby.ready_path(first.pid).exists()
+    assert first.wait(30) == 1 and not standby.ready_path(jobs.jobs_dir(), first.pid).exists()
     jobs.reap(store)  # the page's poll notices the worker ended, and warms the next one
-    second = standby._current[1]
+    second = standby.current()
     assert second.pid != first.pid and second.poll() is None
 
 
 def test_a_standby_for_another_environment_is_replaced_not_used(warm_store, monkeypatch, tmp_path):
     store = warm_store
     jobs.warm_up(store)
-    old = standby._current[1]
+    old = standby.current()
     monkeypatch.setenv("NANOSTREAM_HOME", str(tmp_path / "elsewhere"))
     assert standby.hand_over(store.root, jobs._worker_env(), "some-job") is None  # not started for this home
     jobs.warm_up(store)
-    assert old.wait(10) is not None and standby._current[1] is not old
+    assert old.wait(10) is not None and standby.current() is not old
 
 
 def test_off_means_no_standby(tmp_path, monkeypatch):
     monkeypatch.setenv(standby.DISABLE_ENV, "0")
-    assert standby.warm_up(tmp_path, dict(os.environ)) is None and standby._current is None
+    assert standby.warm_up(tmp_path, dict(os.environ), tmp_path) is None and standby.current() is None
 
 
 def test_the_build_page_promises_what_this_machine_took_last(tmp_path):

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nanostream import store as store_module
-from nanostream.data import scan_folder
-from nanostream.images import content_hash
-from nanostream.store import Provenance, Store, StoreError
+from nanostream.engine.data import project_items, scan_folder
+from nanostream.store import db as store_module
+from nanostream.store.db import Provenance, Store, StoreError, content_hash
 
 
 def jpeg(seed: int, size: tuple[int, int] = (8, 6)) -> bytes:
@@ -205,7 +204,7 @@ def test_prune_blobs_removes_orphans_and_temp_files(store):
 
 _KILLED_IN_ADD_IMAGE = """
 import os, signal, sys
-from nanostream.store import Provenance, Store
+from nanostream.store.db import Provenance, Store
 
 write_blob = Store._write_blob
 
@@ -314,7 +313,7 @@ def test_two_stores_writing_concurrently_lose_nothing(tmp_path):
 _WORKER = """
 import io, random, sys
 from PIL import Image
-from nanostream.store import Provenance, Store
+from nanostream.store.db import Provenance, Store
 store = Store(sys.argv[1])
 for i in range(15):
     rng = random.Random(int(sys.argv[2]) * 1000 + i)
@@ -445,7 +444,7 @@ def test_labeled_images_and_export_read_back_by_scan_folder(store, tmp_path):
         store.add_image("p", "ants", jpeg(i), UPLOAD)
     for i in range(3, 5):
         store.add_image("p", "bees", jpeg(i), UPLOAD)
-    labeled = store.labeled_images("p")
+    labeled = project_items(store, "p")
     assert sorted(item.label for item in labeled) == ["ants"] * 3 + ["bees"] * 2
     assert all(item.path.is_file() for item in labeled)
     out = tmp_path / "export"

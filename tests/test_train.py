@@ -3,10 +3,10 @@ import shutil
 import pytest
 import torch
 
-from nanostream.data import DataError, scan_folder
-from nanostream.features import FeatureCache
-from nanostream.head import cross_val_accuracy, fit_head, stratified_folds
-from nanostream.train import TrainConfig, TrainResult, train
+from nanostream.engine.data import DataError, scan_folder
+from nanostream.engine.features import FeatureCache
+from nanostream.engine.head import cross_val_accuracy, fit_head, stratified_folds
+from nanostream.engine.train import TrainConfig, TrainResult, train
 
 FAST = TrainConfig(backbone="efficientnet_lite0", augment="default", views=1)
 
@@ -106,8 +106,8 @@ def test_folds_are_stratified_and_disjoint():
 def test_near_duplicates_never_straddle_the_split(datasets, tmp_path):
     from PIL import Image
 
-    from nanostream.data import LabeledImage, stratified_split
-    from nanostream.train import near_duplicate_groups
+    from nanostream.engine.data import LabeledImage, stratified_split
+    from nanostream.engine.train import near_duplicate_groups
 
     items = []
     for label in ("ants", "bees"):
@@ -153,7 +153,7 @@ def test_work_done_ahead_for_the_preferred_backbone_gives_the_same_model(tiny_hy
 def test_more_classes_than_a_model_file_holds_are_refused_before_any_work():
     from pathlib import Path
 
-    from nanostream.data import LabeledImage, check_trainable
+    from nanostream.engine.data import LabeledImage, check_trainable
 
     items = [LabeledImage(Path(f"{i}-{j}.jpg"), f"c{i}") for i in range(1001) for j in range(2)]
     with pytest.raises(DataError, match=r"^1,001 classes is more than a model can hold \(1,000\)$"):

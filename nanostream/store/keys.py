@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import paths
+from .. import paths
 
 PREFIX = "ns_"          # recognisable in logs and by secret scanners
 KEY_BYTES = 32          # 256 random bits: guessing is hopeless, so a fast hash is enough

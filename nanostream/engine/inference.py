@@ -15,7 +15,6 @@ every pass (~4 ms per pass).
 from __future__ import annotations
 
 import copy
-import ctypes
 import functools
 import json
 import math
@@ -27,31 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import paths
+from .. import paths
 from .backbones import Backbone, build_architecture, get_spec, load_backbone, weights_key
 
 _CLAMPS = {nn.ReLU6: (0.0, 6.0), nn.ReLU: (0.0, None)}
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve large blocks from its heap and keep freed ones, instead of mapping fresh
-    pages from the OS for every activation tensor and unmapping them again.
-
-    A CPU forward pass allocates tens of MB of activations; by default each block above 128 KB
-    (glibc's dynamic threshold tops out at 32 MB) is a new mmap whose every page faults on first
-    touch: ~12,000 faults per efficientnet_lite1 pass of 8 images, 10-15% of its time. Freed
-    blocks are reused instead of returned; a 1,000-image build still peaks at ~1.3 GB
-    (bench/bench_train.py). False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-keep_freed_memory()  # process-wide; whoever imports this module runs networks on the CPU
 
 
 class ConvClamp(nn.Module):

@@ -8,100 +8,22 @@ cause is one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
-
-
-class StageBars:
-    """One tqdm bar per stage on stderr, for on_progress(stage, done, total) callbacks."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.bars: dict[str, tqdm] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="img" if "fine" not in stage else "step",
-                                          file=sys.stderr, leave=False, mininterval=0.5)
-        bar.n = done
-        bar.refresh() if done >= total else bar.update(0)
-        if done >= total:
-            bar.close()
-
-    def bar(self, stage: str):
-        return lambda done, total: self(stage, done, total)
-
-
-def subcommands(parser: argparse.ArgumentParser, dest: str, required: bool = True):
-    """`child(name, func, help)` adding subcommands under parser (`keys create`, `experiment transfer`).
-
-    Their --json defaults to SUPPRESS, so `keys --json create` and `keys create --json` both work.
-    Not required: the parent runs its own func without one (`models` lists, `models delete` deletes).
-    """
-    subs = parser.add_subparsers(dest=dest, required=required)
-
-    def child(name, func, help_text):
-        q = subs.add_parser(name, help=help_text, description=help_text)
-        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                       help="last stdout line is one JSON document")
-        q.set_defaults(func=func)
-        return q
-    return child
-
-
-def _emit(args, text: str, payload) -> None:
-    if text:
-        print(text)
-    if args.json:
-        print(json.dumps(payload))
-
-
-def _check_writable(path: str | None) -> None:
-    """Fail before minutes of training, not after, when the output cannot be written."""
-    if path is None:
-        return
-    parent = Path(path).resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write output {path}: {exc.strerror or exc}") from None
-    if not os.access(parent, os.W_OK) or Path(path).is_dir():
-        raise UserError(f"cannot write output {path}: not a writable file location")
-
-
-def checked_model(ref: str) -> Path:
-    """The bundle `ref` names (a path or model id), its header checked before torch is imported:
-    a hostile file costs a few MB and one line, never a network built from its claims."""
-    from .bundle import BundleError, read_header
-    from .models import resolve_model
-
-    path = resolve_model(ref)
-    try:
-        read_header(path)
-    except BundleError as exc:
-        raise BundleError(f"{ref}: {exc}") from None
-    return path
+from ..process import keep_freed_memory
+from .common import StageBars, UserError, check_writable, checked_model, emit, subcommands
 
 
 def load_data(ref: str):
     """DATA is a folder (DATA/<class>/* or DATA/train|val/<class>/*) or a project's name.
     Returns (dataset, project name or None)."""
-    from .data import DataError, Dataset, scan_folder
+    from ..engine.data import DataError, Dataset, project_items, scan_folder
 
     if Path(ref).exists() or os.sep in ref:
         return scan_folder(ref), None
-    from .store import Store, StoreError
+    from ..store.db import Store, StoreError
 
     with Store() as store:
         try:
@@ -110,7 +32,7 @@ def load_data(ref: str):
             names = [p.name for p in store.list_projects()]
             known = f" (projects: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
             raise DataError(f"no data folder or project named '{ref}'{known}") from None
-        items = store.labeled_images(project.name)
+        items = project_items(store, project.name)
     present = {item.label for item in items}
     classes = tuple(c for c in project.categories if c in present)  # the project's order; empty ones left out
     return Dataset(classes, tuple(items)), project.name
@@ -119,15 +41,15 @@ def load_data(ref: str):
 # ---------------------------------------------------------------- commands
 
 def cmd_train(args) -> None:
-    from .models import save_trained
-    from .train import TrainConfig, train
+    from ..engine.models import save_trained
+    from ..engine.train import TrainConfig, train
 
-    _check_writable(args.out)
+    check_writable(args.out)
     dataset, project = load_data(args.data)
     prefer = None
     if project and args.backbone == "auto":
-        from .jobs import previous_backbone
-        from .store import Store
+        from ..jobs import previous_backbone
+        from ..store.db import Store
 
         prefer = previous_backbone(Store(), project)
     config = TrainConfig(backbone=args.backbone, augment=args.augment, fill=args.fill, views=args.views,
@@ -136,7 +58,7 @@ def cmd_train(args) -> None:
     result = train(dataset, config, on_progress=StageBars(not args.quiet))
     model_id, path = save_trained(result, args.out, project)
     if project:  # a project's builds are its versions, listed by the app's Share page
-        from .store import Store
+        from ..store.db import Store
 
         Store().record_model(project, model_id, path, result.metrics)
     summary = {
@@ -158,19 +80,19 @@ def cmd_train(args) -> None:
     if result.skipped:
         lines.append(f"skipped {len(result.skipped)} unreadable files:")
         lines += [f"  {f}: {r}" for f, r in result.skipped]
-    _emit(args, "\n".join(lines), summary)
+    emit(args, "\n".join(lines), summary)
 
 
 def cmd_predict(args) -> None:
     path = checked_model(args.model)
-    from .predict import load_classifier
+    from ..engine.predict import load_classifier
 
     predictions = load_classifier(path).predict_files(args.images)
     for p in predictions:  # one line each on stderr ("page.jpg: not an image (HTML)"); the others go on
         if p.error:
             print(f"error: {p.file}: {p.error}", file=sys.stderr)
     text = "\n".join(f"{p.file}: {p.label} ({p.confidence:.3f})" for p in predictions if not p.error)
-    _emit(args, "" if args.json else text, [p.to_dict() for p in predictions])
+    emit(args, "" if args.json else text, [p.to_dict() for p in predictions])
     if all(p.error for p in predictions):
         sys.exit(2)
 
@@ -179,9 +101,9 @@ def cmd_evaluate(args) -> None:
     path = checked_model(args.model)
     import torch
 
-    from .data import scan_folder
-    from .metrics import classification_report
-    from .predict import load_classifier
+    from ..engine.data import scan_folder
+    from ..engine.metrics import classification_report
+    from ..engine.predict import load_classifier
 
     classifier = load_classifier(path)
     dataset = scan_folder(args.data)
@@ -197,18 +119,18 @@ def cmd_evaluate(args) -> None:
     report = classification_report(probs, y, classifier.labels, [str(i.path) for i, _ in ok])
     report["skipped"] = [{"file": p.file, "reason": p.error} for p in predictions if p.error] + \
         [{"file": f, "reason": r} for f, r in dataset.skipped]
-    _emit(args, f"accuracy {report['accuracy']:.3f} on {report['n']} images", report)
+    emit(args, f"accuracy {report['accuracy']:.3f} on {report['n']} images", report)
 
 
 def cmd_models(args) -> None:
-    from .models import scan_models
+    from ..engine.models import scan_models
 
     metas, unreadable = scan_models()
     if args.check:
         return _check_models(args, len(metas), unreadable)
     text = "\n".join(f"{m['model_id']}  {m['created_at']}  {m['backbone']:<20} "
                      f"acc {m['metrics']['accuracy']:.3f}  {', '.join(m['labels'])}" for m in metas)
-    _emit(args, text or "no models yet", [{k: m.get(k) for k in ("model_id", "created_at", "backbone", "labels",
+    emit(args, text or "no models yet", [{k: m.get(k) for k in ("model_id", "created_at", "backbone", "labels",
                                                                   "project")} for m in metas])
     if unreadable:
         print(f"note: {len(unreadable)} file(s) in the model folder are not sound models and are not listed; "
@@ -221,24 +143,24 @@ def _check_models(args, sound: int, unreadable: list) -> None:
     total = sound + len(unreadable)
     lines.append(f"{len(unreadable)} of {total} model files cannot be read; remove one with "
                  f"`nanostream models delete NAME`" if unreadable else f"all {total} model files are sound")
-    _emit(args, "\n".join(lines), {"sound": sound, "unreadable": [
+    emit(args, "\n".join(lines), {"sound": sound, "unreadable": [
         {"name": bad.name, "file": str(bad.path), "reason": bad.reason} for bad in unreadable]})
     if unreadable:
         sys.exit(1)
 
 
 def cmd_models_delete(args) -> None:
-    from .models import delete_model
+    from ..engine.models import delete_model
 
     deleted = delete_model(args.name.removesuffix(".safetensors"))
     done = [f"removed {', '.join(map(str, deleted.files))}"] if deleted.files else []
     done += ["the store forgot it"] if deleted.forgotten else []
-    _emit(args, f"deleted model {deleted.name}: {'; '.join(done)}",
+    emit(args, f"deleted model {deleted.name}: {'; '.join(done)}",
           {"name": deleted.name, "files": [str(f) for f in deleted.files], "forgotten": deleted.forgotten})
 
 
 def cmd_backbones(args) -> None:
-    from . import backbones
+    from ..engine import backbones
 
     for name in args.download or []:
         backbones.download_weights(backbones.get_spec(name))
@@ -247,7 +169,7 @@ def cmd_backbones(args) -> None:
              "params_m": s.params_m} for s in backbones.REGISTRY.values()]
     text = "\n".join(f"{r['name']:<20} {r['source']:<12} {'yes' if r['available'] else 'no ':<4} "
                      f"{r['input_size']:>4}px {r['gflops']:6.2f} GFLOPs {r['params_m']:6.1f}M" for r in rows)
-    _emit(args, text, rows)
+    emit(args, text, rows)
 
 
 # ---------------------------------------------------------------- parser
@@ -290,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("backbones", cmd_backbones, "list backbones and whether they are available offline")
     p.add_argument("--download", nargs="*", metavar="NAME", help="fetch torchvision weights into the cache")
 
-    from . import cli_experiment, cli_project, cli_serve  # command groups beside the modules they drive
+    from . import experiment as cli_experiment, project as cli_project, serve as cli_serve  # command groups beside the modules they drive
 
     for group in (cli_project, cli_serve, cli_experiment):
         group.register(sub, command)
@@ -299,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .backbone_specs import BackboneUnavailable  # not .backbones: no torch before a command needs it
-    from .bundle import BundleError
-    from .data import DataError
+    keep_freed_memory()  # commands run networks on the CPU (a ctypes call: no torch until one needs it)
+    from ..engine.backbone_specs import BackboneUnavailable  # not .backbones: no torch before a command needs it
+    from ..engine.bundle import BundleError
+    from ..engine.data import DataError
 
     try:
         args.func(args)

@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import StageBars, UserError, _emit, subcommands
+from .common import StageBars, UserError, emit, subcommands
 
 PROVIDER_ENV = "NANOSTREAM_SEARCH_PROVIDER"
 DEFAULT_PER_CATEGORY = 30  # enough for a first model (a few-shot head needs ~10); the user can search again
 
 
 def _store():
-    from .store import Store
+    from ..store.db import Store
 
     return Store()
 
@@ -53,21 +53,21 @@ def cmd_project_create(args) -> None:
     with _store() as store:
         project = store.create_project(args.name, _names(args.categories))
         summary = _project_summary(store, project.name)
-    _emit(args, f"created project '{project.name}': {', '.join(project.categories) or 'no categories yet'}", summary)
+    emit(args, f"created project '{project.name}': {', '.join(project.categories) or 'no categories yet'}", summary)
 
 
 def cmd_project_list(args) -> None:
     with _store() as store:
         rows = [_project_summary(store, p.name) for p in store.list_projects()]
     text = "\n".join(f"{r['name']:<24} {_plural(r['images'], 'image'):>11}  {_category_lines(r)}" for r in rows)
-    _emit(args, text or "no projects yet (`nanostream project create NAME --categories \"a,b\"`)", rows)
+    emit(args, text or "no projects yet (`nanostream project create NAME --categories \"a,b\"`)", rows)
 
 
 def cmd_project_delete(args) -> None:
     with _store() as store:
         summary = _project_summary(store, args.name)
         store.delete_project(summary["name"])
-    _emit(args, f"deleted project '{summary['name']}' and its {_plural(summary['images'], 'image')}",
+    emit(args, f"deleted project '{summary['name']}' and its {_plural(summary['images'], 'image')}",
           {"deleted": summary["name"], "images": summary["images"]})
 
 
@@ -75,7 +75,7 @@ def cmd_project_rename(args) -> None:
     with _store() as store:
         project = store.rename_project(args.old, args.new)
         summary = _project_summary(store, project.name)
-    _emit(args, f"renamed project '{args.old}' to '{project.name}'", summary)
+    emit(args, f"renamed project '{args.old}' to '{project.name}'", summary)
 
 
 def cmd_project_categories(args) -> None:
@@ -102,7 +102,7 @@ def cmd_project_categories(args) -> None:
     rows = [{"name": c.name, "search_terms": c.search_terms, "images": counts.get(c.name, 0)} for c in categories]
     lines += [f"  {r['name']:<24} {_plural(r['images'], 'image'):>11}"
               + (f"  search terms: {r['search_terms']}" if r["search_terms"] else "") for r in rows]
-    _emit(args, "\n".join(lines) or f"project '{project}' has no categories",
+    emit(args, "\n".join(lines) or f"project '{project}' has no categories",
           {"project": project, "categories": rows, "removed": removed})
 
 
@@ -112,7 +112,7 @@ def load_provider():
     """The search provider: NANOSTREAM_SEARCH_PROVIDER's factory if set, else DDGSProvider."""
     spec = os.environ.get(PROVIDER_ENV, "").strip()
     if not spec:
-        from .search import DDGSProvider
+        from ..sources.search import DDGSProvider
 
         return DDGSProvider()
     module_name, _, factory_name = spec.partition(":")
@@ -135,9 +135,10 @@ class _CountingProvider:
 
 
 def cmd_images_search(args) -> None:
-    from . import download, paths
-    from .ingest import add_search_hits
-    from .search import QueryCache, SearchPacing, search_category
+    from ..sources import download
+    from .. import paths
+    from ..sources.ingest import add_search_hits
+    from ..sources.search import QueryCache, SearchPacing, search_category
 
     if args.per_category < 1:
         raise UserError("--per-category must be at least 1")
@@ -189,7 +190,7 @@ def cmd_images_search(args) -> None:
         lines.append(f"rate limited while searching '{stopped_by}': kept every image found so far"
                      + (f"; not searched: {', '.join(skipped)}" if skipped else "")
                      + ". Wait a few minutes, then search again (finished queries are cached).")
-    _emit(args, "\n".join(lines), {"project": project, "categories": results, "counts": counts,
+    emit(args, "\n".join(lines), {"project": project, "categories": results, "counts": counts,
                                    "added": sum(len(r["added"]) for r in results.values()),
                                    "rate_limited": stopped_by is not None})
 
@@ -216,7 +217,7 @@ class _GrowingBar:
 
 
 def cmd_images_add(args) -> None:
-    from .ingest import add_sources
+    from ..sources.ingest import add_sources
 
     with _store() as store:
         project = store.get_project(args.project).name
@@ -240,7 +241,7 @@ def cmd_images_add(args) -> None:
     lines = [f"added {_plural(len(report.added), 'image')} to '{category}' (now {count})"
              + (f"; {len(report.duplicates)} already in the project" if report.duplicates else "")]
     lines += [f"  skipped {s['source']}: {s['reason']}" for s in payload["skipped"]]
-    _emit(args, "\n".join(lines), payload)
+    emit(args, "\n".join(lines), payload)
     if report.skipped and not report.added and not report.duplicates:
         sys.exit(1)  # nothing usable at all: a script should notice
 
@@ -263,12 +264,12 @@ def cmd_images_list(args) -> None:
     if args.verbose:
         lines += [f"  {r['id']:>6}  {r['category']:<16} {r['hash'][:12]}  {r['source']:<10} "
                   f"{r['image_url'] or r['original_name']}" for r in rows]
-    _emit(args, "\n".join(lines) or f"project '{project}' has no categories",
+    emit(args, "\n".join(lines) or f"project '{project}' has no categories",
           {"project": project, "counts": counts, "images": rows})
 
 
 def cmd_images_review(args) -> None:
-    from .ranking import rank_suspicious
+    from ..flows.review import rank_suspicious
 
     bars = StageBars(not args.quiet)
     with _store() as store:
@@ -282,7 +283,7 @@ def cmd_images_review(args) -> None:
         lines.append(f"{name}: {_plural(len(suspects), 'image')}, most suspicious first")
         lines += [f"  image {s.image_id:>6}  score {s.score:.3f}  {'; '.join(s.reasons)}".rstrip()
                   for s in suspects[:args.top]]
-    _emit(args, "\n".join(lines), {"project": project, "categories": payload})
+    emit(args, "\n".join(lines), {"project": project, "categories": payload})
 
 
 def cmd_export_dataset(args) -> None:
@@ -293,7 +294,7 @@ def cmd_export_dataset(args) -> None:
         project = store.get_project(args.project).name
         n = store.export_dataset(project, directory)
         counts = store.counts(project)
-    _emit(args, f"exported {_plural(n, 'image')} of '{project}' to {directory}/<category>/ "
+    emit(args, f"exported {_plural(n, 'image')} of '{project}' to {directory}/<category>/ "
                 f"(train with `nanostream train {directory}`)",
           {"project": project, "dir": str(directory), "images": n, "counts": counts})
 

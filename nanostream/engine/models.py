@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from .. import paths
 from .bundle import MODEL_ID, BundleError, BundleHeader, read_header
 
 _SUFFIX = ".safetensors"
@@ -147,7 +147,7 @@ def delete_model(name: str) -> Deleted:
     whose name is not an id can be removed too. A bundle the store recorded outside models/ is
     the user's own file and stays.
     """
-    from .store import Store, StoreError
+    from ..store.db import Store, StoreError
 
     in_registry = {path.stem: path for path in models_dir().glob(f"*{_SUFFIX}")}
     is_id = bool(MODEL_ID.fullmatch(name))
@@ -177,7 +177,7 @@ def save_trained(result, out: str | Path | None = None, project: str | None = No
     import torch
     import torchvision
 
-    from . import __version__
+    from .. import __version__
     from .backbones import get_spec, weights_fingerprint
     from .bundle import save_bundle
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .backbone_specs import REGISTRY
-from .paths import write_atomically
+from ..paths import write_atomically
 
 if TYPE_CHECKING:
     import torch

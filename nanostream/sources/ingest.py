@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from .images import BadImage, is_image_name, normalize_image
-from .store import Provenance, Store, StoreError, clean_name
+from ..engine.images import BadImage, is_image_name, normalize_image
+from ..store.db import Provenance, Store, StoreError, clean_name
 
 
 @dataclass(frozen=True)

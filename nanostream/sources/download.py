@@ -42,7 +42,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from . import images
+from ..engine import images
+from ..store.db import content_hash
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Fetched:
     url: str            # as asked for
     final_url: str      # after redirects
     data: bytes         # the normalized JPEG from images.normalize_image
-    content_hash: str   # images.content_hash(data)
+    content_hash: str   # store.db.content_hash(data)
     width: int          # of data (the normalized image)
     height: int
     content_type: str   # the original format, detected from its magic bytes (data is always JPEG)
@@ -424,7 +425,7 @@ def fetch_image(url: str, limits: DownloadLimits = DownloadLimits()) -> Fetched:
     """Download one untrusted URL and return the normalized image; DownloadError(reason) otherwise."""
     final_url, data, detected = _download(url, limits)
     clean, width, height = _normalize(data, limits)
-    return Fetched(url=url, final_url=final_url, data=clean, content_hash=images.content_hash(clean),
+    return Fetched(url=url, final_url=final_url, data=clean, content_hash=content_hash(clean),
                    width=width, height=height, content_type=detected)
 
 

@@ -16,7 +16,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from .images import BadImage, content_hash, decode_image
+from ..store.db import content_hash
+from .images import BadImage, decode_image
 
 # Hamming distance on the 64-bit pHash below which two images count as copies of one photo.
 # Measured on the 797 photos of datasets/flowers + datasets/hymenoptera (tests/test_dedupe.py):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli import StageBars, _check_writable, _emit, subcommands
+from .common import StageBars, check_writable, emit, subcommands
 
 
 def _config(args):
-    from .experiments import ExperimentConfig
+    from ..experiments.research import ExperimentConfig
 
     given = dict(backbone=args.backbone, seeds=args.seeds, per_class=args.per_class, views=args.views,
                  test_fraction=args.test_fraction)
@@ -21,7 +21,7 @@ def _config(args):
 
 def _chart_path(args, default_name: str) -> Path:
     path = Path(args.chart) if args.chart else Path(args.out_dir) / default_name
-    _check_writable(str(path))
+    check_writable(str(path))
     return path
 
 
@@ -31,21 +31,21 @@ def _title(args, what: str) -> str:
 
 
 def cmd_augmentation(args) -> None:
-    from .data import scan_folder
-    from .experiments import arms_table, augmentation_arms, augmentation_experiment, plot_arms
+    from ..engine.data import scan_folder
+    from ..experiments.research import arms_table, augmentation_arms, augmentation_experiment, plot_arms
 
     names = [n.strip() for n in args.policies.split(",") if n.strip()] if args.policies else None
     augmentation_arms(names)  # an unknown name fails here, before any work
     chart = _chart_path(args, "augmentation.png")
     result = augmentation_experiment(scan_folder(args.data), names, _config(args), on_progress=StageBars(not args.quiet))
     chart.write_bytes(plot_arms(result, _title(args, "augmentation")))
-    _emit(args, f"{arms_table(result, 'policy')}\nchart -> {chart}",
+    emit(args, f"{arms_table(result, 'policy')}\nchart -> {chart}",
           {"arms": [arm.to_dict("policy") for arm in result.arms]})
 
 
 def cmd_transfer(args) -> None:
-    from .data import scan_folder
-    from .experiments import ScratchConfig, arms_table, plot_arms, transfer_experiment
+    from ..engine.data import scan_folder
+    from ..experiments.research import ScratchConfig, arms_table, plot_arms, transfer_experiment
 
     chart = _chart_path(args, "transfer.png")
     scratch = ScratchConfig(**{k: v for k, v in dict(size=args.size, epochs=args.epochs).items() if v is not None})
@@ -54,13 +54,13 @@ def cmd_transfer(args) -> None:
     text = (f"{arms_table(result, 'name')}\nscratch: {result.notes['scratch_params']:,} trainable parameters, "
             f"{scratch.size}px, {scratch.epochs} epochs; pretrained: frozen {result.backbone} + head"
             f"\nchart -> {chart}")
-    _emit(args, text, {"arms": [arm.to_dict("name") for arm in result.arms]})
+    emit(args, text, {"arms": [arm.to_dict("name") for arm in result.arms]})
 
 
 def cmd_learning_curve(args) -> None:
-    from .augment import get_policy
-    from .data import scan_folder
-    from .experiments import curve_table, learning_curve, plot_learning_curve
+    from ..engine.augment import get_policy
+    from ..engine.data import scan_folder
+    from ..experiments.research import curve_table, learning_curve, plot_learning_curve
 
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be between 0 and 1 (e.g. 0.95); got {args.target}")
@@ -70,7 +70,7 @@ def cmd_learning_curve(args) -> None:
     curve = learning_curve(scan_folder(args.data), args.target, _config(args), augment=args.augment, sizes=sizes,
                            on_progress=StageBars(not args.quiet))
     chart.write_bytes(plot_learning_curve(curve, _title(args, "learning curve") + f" (target {args.target:.0%})"))
-    _emit(args, f"{curve_table(curve)}\nchart -> {chart}", curve.to_dict())
+    emit(args, f"{curve_table(curve)}\nchart -> {chart}", curve.to_dict())
 
 
 def register(sub, command) -> None:

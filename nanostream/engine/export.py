@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .paths import write_atomically
+from .. import __version__
+from ..paths import write_atomically
 
 FORMATS = ("onnx", "torchscript")
 # Opset 17 runs on every ONNX Runtime since 1.14 (2023) and has every op EfficientNet and ResNet need.

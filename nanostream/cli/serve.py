@@ -7,13 +7,13 @@ import json
 import socket
 from pathlib import Path
 
-from .cli import UserError, _emit, checked_model, subcommands
+from .common import UserError, emit, checked_model, subcommands
 
 
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from .api import ServeConfig, create_app
+    from ..api.app import ServeConfig, create_app
 
     try:  # a clear one-line error now beats uvicorn's log line and exit status 1 later
         with socket.create_server((args.host, args.port)):
@@ -27,7 +27,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_keys_create(args) -> None:
-    from .keys import create_key
+    from ..store.keys import create_key
 
     record, key = create_key(args.name)
     if args.json:
@@ -40,27 +40,27 @@ def cmd_keys_create(args) -> None:
 
 
 def cmd_keys_list(args) -> None:
-    from .keys import list_keys
+    from ..store.keys import list_keys
 
     rows = [k.public() for k in list_keys()]
     text = "\n".join(f"{r['name']:<24} created {r['created_at']}"
                      + (f"  revoked {r['revoked_at']}" if r["revoked"] else "") for r in rows)
-    _emit(args, text or "no keys yet (`nanostream keys create`)", rows)
+    emit(args, text or "no keys yet (`nanostream keys create`)", rows)
 
 
 def cmd_keys_revoke(args) -> None:
-    from .keys import revoke_key
+    from ..store.keys import revoke_key
 
     record = revoke_key(args.name)
-    _emit(args, f"revoked key '{record.name}' at {record.revoked_at}", record.public())
+    emit(args, f"revoked key '{record.name}' at {record.revoked_at}", record.public())
 
 
 def cmd_export(args) -> None:
     path = checked_model(args.model)
-    from .export import export_model
+    from ..engine.export import export_model
 
     result = export_model(path, args.format, args.out)
-    _emit(args, f"exported {result.model_id} as {result.format} -> {result.path}\nlabels and preprocessing -> "
+    emit(args, f"exported {result.model_id} as {result.format} -> {result.path}\nlabels and preprocessing -> "
                 f"{result.labels_path}",
           {"model_id": result.model_id, "format": result.format, "path": str(result.path),
            "labels": str(result.labels_path)})
@@ -78,7 +78,7 @@ def set_published(ref: str, published: bool) -> str:
     publishing copies it into the registry under that id. Unpublishing reads no model file, so
     a damaged one can always be closed again.
     """
-    from .models import content_model_id, import_bundle, registered_id
+    from ..engine.models import content_model_id, import_bundle, registered_id
 
     path = Path(ref)
     if path.is_file():
@@ -89,9 +89,9 @@ def set_published(ref: str, published: bool) -> str:
 
 
 def _publish(model_id: str) -> str:
-    from .bundle import MODEL_ID, BundleError
-    from .models import model_path, read_registered
-    from .store import Store, StoreError
+    from ..engine.bundle import MODEL_ID, BundleError
+    from ..engine.models import model_path, read_registered
+    from ..store.db import Store, StoreError
 
     if not MODEL_ID.fullmatch(model_id):
         raise UserError(f"no model file or model id '{model_id[:200]}' (ids are listed by `nanostream models`)")
@@ -118,9 +118,9 @@ def _publish(model_id: str) -> str:
 
 def _unpublish(model_id: str) -> str:
     """By the store alone: any id it holds, even one an older NanoStream let in unchecked."""
-    from .bundle import MODEL_ID
-    from .models import model_path
-    from .store import Store, StoreError
+    from ..engine.bundle import MODEL_ID
+    from ..engine.models import model_path
+    from ..store.db import Store, StoreError
 
     with Store() as store:
         try:
@@ -136,7 +136,7 @@ def cmd_publish(args) -> None:
     path = demo_path(model_id)
     payload = {"model_id": model_id, "published": True, "demo": path}
     if args.json:
-        _emit(args, f"published {model_id}: anyone may use it without an API key", payload)
+        emit(args, f"published {model_id}: anyone may use it without an API key", payload)
     else:
         print(f"published {model_id}: anyone may use it without an API key; demo page:")
         print(path)
@@ -144,7 +144,7 @@ def cmd_publish(args) -> None:
 
 def cmd_unpublish(args) -> None:
     model_id = set_published(args.model, False)
-    _emit(args, f"unpublished {model_id}: it needs an API key again",
+    emit(args, f"unpublished {model_id}: it needs an API key again",
           {"model_id": model_id, "published": False})
 
 

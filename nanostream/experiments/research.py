@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backbones
-from .augment import POLICIES, AugmentPolicy, augment_batch, get_policy, single_technique_policies
-from .data import Dataset, DataError, LabeledImage, check_trainable, stratified_split
-from .device import default_device
-from .features import FeatureCache, extract_features
-from .head import cross_val_accuracy, fit_head
-from .images import BadImage, load_image
+from ..engine import backbones
+from ..engine.augment import POLICIES, AugmentPolicy, augment_batch, get_policy, single_technique_policies
+from ..engine.data import Dataset, DataError, LabeledImage, check_trainable, stratified_split
+from ..engine.device import default_device
+from ..engine.features import FeatureCache, extract_features
+from ..engine.head import cross_val_accuracy, fit_head
+from ..engine.images import BadImage, load_image
 
 StageProgress = Callable[[str, int, int], None]
 

@@ -13,6 +13,7 @@ leaves the file without a row (or a dot-named temp file); every open deletes tho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import paths
-from .data import LabeledImage
-from .images import content_hash
+from .. import paths
 
 DB_NAME = "store.sqlite3"
 BUSY_TIMEOUT_S = 30.0  # a worker's write is milliseconds; waiting this long means something is stuck
@@ -42,6 +41,11 @@ TEMP_PREFIX = ".tmp-"  # dot-prefixed: invisible to scan_folder and to "*.jpg" g
 class StoreError(ValueError):
     """A request the store cannot carry out (unknown name, invalid or duplicate name); says why."""
 
+
+
+def content_hash(data: bytes) -> str:
+    """Hex sha256 of raw bytes: the identity of an image everywhere in NanoStream (its file name here)."""
+    return hashlib.sha256(data).hexdigest()
 
 @dataclass(frozen=True)
 class Project:
@@ -548,10 +552,6 @@ class Store:
                                    LEFT JOIN images i ON i.category_id = c.id
                                    WHERE c.project_id = ? GROUP BY c.id ORDER BY c.id""", (prow["id"],))
             return {name: n for name, n in rows}
-
-    def labeled_images(self, project: str) -> list[LabeledImage]:
-        """The project as training DATA: blob paths labelled with their category names."""
-        return [LabeledImage(self.image_path(r), r.category) for r in self.list_images(project)]
 
     def export_dataset(self, project: str, directory: str | Path) -> int:
         """Copy the project to DIR/<category>/<hash>.jpg (the layout data.scan_folder reads).

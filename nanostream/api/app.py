@@ -43,14 +43,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .backbones import BackboneUnavailable
+from .. import __version__
+from ..engine.backbones import BackboneUnavailable
 from .batching import BatchConfig, BatcherClosed, MicroBatcher
-from .bundle import BundleError, read_bundle
-from .download import MAX_URL_CHARS, DownloadLimits, FetchFailure, clip_input, fetch_outcome
-from .images import BadImage
-from .keys import ApiKey, find_key
-from .models import model_path, read_registered, scan_models
+from ..engine.bundle import BundleError, read_bundle
+from ..sources.download import MAX_URL_CHARS, DownloadLimits, FetchFailure, clip_input, fetch_outcome
+from ..engine.images import BadImage
+from ..store.keys import ApiKey, find_key
+from ..engine.models import model_path, read_registered, scan_models
 
 UPLOAD_FIELD = "file"
 
@@ -190,7 +190,7 @@ class Service:
         self.fetching: Counter[str] = Counter()  # fetch slots held per client address (event loop only)
 
     def store(self):
-        from .store import Store
+        from ..store.db import Store
 
         with self._lock:
             if self._store is None:
@@ -206,7 +206,7 @@ class Service:
         None also for a file that is not a sound bundle of this id (the server log says why):
         to callers such a model does not exist, and one bad file never fails a request.
         """
-        from .store import StoreError
+        from ..store.db import StoreError
 
         try:
             path = model_path(model_id)  # refuses anything but a well-formed id
@@ -243,7 +243,7 @@ class Service:
 
     def load(self, path: Path) -> LoadedModel:
         """The classifier for a bundle and its batcher (one per model); blocking."""
-        from .predict import load_classifier
+        from ..engine.predict import load_classifier
 
         key = str(path)
         with self._load_lock:
@@ -653,7 +653,7 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/healthz", summary="liveness check")
     def healthz() -> dict:
-        from .device import default_device
+        from ..engine.device import default_device
 
         batches = {model_id: asdict(b.stats) for model_id, b in service.batchers().items()}
         return {"status": "ok", "version": __version__, "device": str(default_device()),

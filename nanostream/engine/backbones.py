@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import paths
+from .. import paths
 # The registry's facts live apart from torch, so bundle.py checks model files against them without it.
 from .backbone_specs import (  # noqa: F401 - importable from here too, as before
     DEFAULT_BACKBONE, REGISTRY, BackboneSpec, BackboneUnavailable, get_spec)

@@ -20,12 +20,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import paths
+from .. import paths
 from .augment import AugmentPolicy, augment_image, view_seed
 from .backbones import get_spec, prepare_image, weights_fingerprint
 from .device import default_device, precision
 from .inference import inference_backbone
-from .images import BadImage, content_hash, decode_image
+from ..store.db import content_hash
+from .images import BadImage, decode_image
 
 # 8 images per forward pass: on the CPU 6-12 cost the least per image; from 16 the activations
 # outgrow the caches (efficientnet_lite1: 7.3 ms per image at 8, 8.8 at 16, 9.3 at 2).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from pathlib import Path
@@ -16,11 +15,6 @@ MAX_PIXELS = 50_000_000
 
 class BadImage(ValueError):
     """A file or payload that is not a decodable image; the message says why."""
-
-
-def content_hash(data: bytes) -> str:
-    """Hex sha256 of raw bytes: the identity of an image everywhere in NanoStream."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:

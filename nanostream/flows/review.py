@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .dedupe import DuplicateGroup, ImageRef, find_duplicates
-from .features import FeatureCache, extract_features
-from .store import Store
+from ..engine.dedupe import DuplicateGroup, ImageRef, find_duplicates
+from ..engine.features import FeatureCache, extract_features
+from ..store.db import Store
 
 # Cheapest backbone in the registry: ranking runs whenever the review page opens, and the
 # features are the same ones a build with this backbone reuses from the cache.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import paths
-from .ingest import IngestReport, add_sources
-from .store import Project, Store, StoreError
+from .. import paths
+from ..sources.ingest import IngestReport, add_sources
+from ..store.db import Project, Store, StoreError
 
 SAMPLE_NAME = "Sample: ants and bees"
 MARKER = "sample-project-created"  # in the store's folder: a user who deletes the sample keeps it deleted
