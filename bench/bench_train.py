@@ -256,7 +256,8 @@ def app_builds(work: Path, warm: bool) -> dict:
     user reading the page for a few seconds would; otherwise every job starts a fresh process."""
     from nanostream import jobs, standby
     from nanostream.flows.sample import SAMPLE_NAME, ensure_sample_project
-    from nanostream.store.db import FINISHED, Store
+    from nanostream.store.db import Store
+    from nanostream.store.records import FINISHED
 
     home = work / f"home-app-{'warm' if warm else 'cold'}"
     saved = dict(os.environ)

@@ -1,23 +1,26 @@
-"""Helpers behind the app's pages: the shared store, wording, pictures (matplotlib -> PNG bytes),
-upload handling and the augmentation preview. Nothing here imports torch at module level."""
+"""Widgets and caches behind the app's pages: the shared store, loaded models, job progress,
+uploads, the review grid, predictions and the Build page's preview.
+
+The work is done below (flows, engine, charts): nothing here imports torch or PIL, and nothing
+here writes to the store -- where a widget changes something, the page passes the change in.
+"""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
-from . import paths
-from .engine.images import decode_image
-from .sources.ingest import IngestReport, add_uploads  # noqa: F401 - add_uploads: the Images page calls ui.add_uploads
+from . import charts, paths
 from .store.db import Store
+from .store.records import FINISHED, StoreError
+
+if TYPE_CHECKING:
+    from .sources.ingest import IngestReport
 
 NOT_SURE = 0.6            # default threshold: below it the top class is shown as "not sure"
-MIN_PER_CATEGORY = 5      # fewer: the held-out score rests on one or two photos of the category
-IMBALANCE_RATIO = 3.0     # the largest category this many times the smallest: the model leans to it
 THUMB_SIZE = 160          # px, square: a grid of 6 fits a laptop screen
 STAGES = {                # train.py's and jobs.py's stage prefixes -> what the user reads
     "starting": "Starting the worker",
@@ -76,7 +79,6 @@ def load_model(bundle_path: str):
     return load_classifier(bundle_path)
 
 
-
 def require_models(store: Store, project: str) -> list:
     """The project's model versions, newest first; with none, a pointer to Build and the page stops."""
     models = store.list_models(project)
@@ -85,6 +87,9 @@ def require_models(store: Store, project: str) -> list:
         st.page_link("pages/build.py", label="Go to Build", icon=":material/model_training:")
         st.stop()
     return models
+
+
+# ---------------------------------------------------------------- wording
 
 def stage_label(stage: str) -> str:
     """'features efficientnet_lite0' -> 'Reading the images with efficientnet_lite0'."""
@@ -107,28 +112,7 @@ def ago(seconds: float) -> str:
 
 def when(timestamp: float) -> str:
     """A local date and time to the minute: stable, unlike 'x min ago', for labels of choices."""
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
-
-
-def data_warnings(counts: dict[str, int], conflicts: int = 0) -> list[str]:
-    """What is wrong with a project's images for training, each with what to do about it."""
-    warnings = []
-    few = [f"{name} ({n})" for name, n in counts.items() if n < MIN_PER_CATEGORY]
-    if few:
-        warnings.append(f"Too few images in {', '.join(few)}: add at least {MIN_PER_CATEGORY} per category "
-                        f"(search the web or upload), or the accuracy will be a guess.")
-    filled = {name: n for name, n in counts.items() if n}
-    if len(filled) >= 2:
-        big, small = max(filled, key=filled.get), min(filled, key=filled.get)
-        if filled[big] >= IMBALANCE_RATIO * filled[small]:
-            warnings.append(f"Unbalanced: '{big}' has {filled[big]} images, '{small}' only {filled[small]}. "
-                            f"The model will lean towards '{big}': add images to '{small}' or remove some from '{big}'.")
-    if conflicts:
-        warnings.append(f"{conflicts} image(s) appear in more than one category (marked 'also in' below): "
-                        f"keep each photo in the one category it belongs to, and delete or move the other copy.")
-    return warnings
 
 
 # ---------------------------------------------------------------- jobs and builds
@@ -137,8 +121,8 @@ def data_warnings(counts: dict[str, int], conflicts: int = 0) -> list[str]:
 def job_progress_ui(job_id: str, compact_text: str | None = None) -> None:
     """A running job's stage and progress with a Cancel button (or only compact_text and the
     percentage), polled every second; the whole page reruns once the job has finished."""
-    from .jobs import reap
-    from .store.db import FINISHED, StoreError
+    from .flows.collect import read_summary
+    from .jobs import cancel, reap
 
     store = open_store()
     reap(store)
@@ -153,40 +137,25 @@ def job_progress_ui(job_id: str, compact_text: str | None = None) -> None:
         return
     label = "Waiting for the worker to start" if job.status == "queued" else stage_label(job.stage)
     st.progress(job.progress, text=f"{label} · {job.message}" if job.message and job.message != job.stage else label)
-    partial = (job.result or {}).get("categories")
+    partial = read_summary(job.result) if job.kind == "search" else None
     if partial:  # a web search reports each category as it finishes
-        st.caption(" · ".join(f"{name}: {c.get('added', 0)} added" for name, c in partial.items()))
+        st.caption(" · ".join(f"{c.name}: {len(c.added)} added" for c in partial.categories))
     if job.cancel_requested:
         st.caption("Stopping at the next step…")
     elif st.button("Cancel", key=f"ui_cancel_{job_id}", icon=":material/stop_circle:"):
-        store.request_cancel(job_id)
+        cancel(store, job_id)
         st.rerun(scope="fragment")
 
 
-def describe_policy(policy) -> str:
-    """An augment.AugmentPolicy in words: what each augmented copy may do to a photo."""
-    parts = []
-    if policy.hflip:
-        parts.append("mirror left-right")
-    if policy.vflip:
-        parts.append("flip upside down")
-    if policy.rot90:
-        parts.append("quarter turns")
-    if policy.rotation:
-        parts.append(f"rotate up to {policy.rotation:g}°")
-    if policy.scale != (1.0, 1.0):
-        parts.append(f"zoom {policy.scale[0]:g}-{policy.scale[1]:g}x")
-    if 0 < policy.crop < 1:
-        parts.append(f"crop to {policy.crop:.0%} of the area")
-    if policy.translate:
-        parts.append(f"shift up to {policy.translate:.0%}")
-    if policy.brightness or policy.contrast:
-        parts.append(f"brightness/contrast up to {max(policy.brightness, policy.contrast):.0%}")
-    if policy.gaussian_noise or policy.salt_pepper:
-        parts.append("add noise")
-    if not parts:
-        return "no changes: the model sees your photos only"
-    return f"{', '.join(parts)}; {policy.views} copies per photo"
+def ranking_status_ui(ranking) -> None:
+    """Where the suspicion ranking of the review grid stands: sorting, failed, or what the order means."""
+    if ranking is not None and ranking.status not in FINISHED:
+        job_progress_ui(ranking.id, "Sorting the photos by how suspicious they look; the order updates when done")
+    elif ranking is not None and ranking.status == "failed":
+        st.caption(f"Could not sort by suspicion ({ranking.error}); photos are shown in the order they were added.")
+    else:
+        st.caption("Most suspicious photos first: off-topic, duplicated, or looking more like another category. "
+                   "Select them to delete or move them.")
 
 
 @st.cache_data(ttl=300, show_spinner="Loading the build options…")
@@ -194,6 +163,7 @@ def build_choices() -> dict:
     """What the Build page offers: augmentation policies (in words), fill modes, backbones, modes."""
     from .engine.augment import FILL_MODES, POLICIES
     from .engine.backbones import available_backbones, get_spec
+    from .engine.preview import describe_policy
     from .engine.train import MODES
 
     return {
@@ -204,6 +174,15 @@ def build_choices() -> dict:
         "backbones": {name: get_spec(name).gflops for name in available_backbones()},
         "modes": MODES,
     }
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def augmentation_preview(image_paths: Sequence[str], policy_name: str, fill: str | None,
+                         views: int = 4, backbone: str = "efficientnet_lite0") -> list[list]:
+    """engine.preview.augmented_views, cached: torch loads only when a preview is drawn."""
+    from .engine.preview import augmented_views
+
+    return augmented_views(image_paths, policy_name, fill, views, backbone)
 
 
 def prediction_ui(prediction, data: bytes, threshold: float) -> None:
@@ -219,180 +198,130 @@ def prediction_ui(prediction, data: bytes, threshold: float) -> None:
                       f"below the {threshold:.0%} threshold.")
     else:
         right.success(f"**{prediction.label}** ({prediction.confidence:.0%})")
-    right.image(probability_png(prediction.probs, threshold), width=420)
+    right.image(charts.probability_png(prediction.probs, threshold), width=420)
 
 
-# ---------------------------------------------------------------- pictures
-
-def _png(figure) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(figure)
-    out = io.BytesIO()
-    figure.savefig(out, format="png", dpi=110, bbox_inches="tight")
-    return out.getvalue()
-
-
-def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> bytes:
-    """Rows: true category; columns: predicted; each cell its count."""
-    from matplotlib.figure import Figure
-
-    n = len(labels)
-    size = max(3.0, 0.7 * n + 1.5)
-    figure = Figure(figsize=(size, size * 0.9))
-    ax = figure.subplots()
-    ax.imshow(confusion, cmap="Blues")
-    peak = max((max(row) for row in confusion), default=0) or 1
-    for i, row in enumerate(confusion):
-        for j, count in enumerate(row):
-            ax.text(j, i, str(count), ha="center", va="center",
-                    color="white" if count > peak / 2 else "black", fontsize=11)
-    ax.set_xticks(range(n), labels, rotation=30, ha="right")
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true category")
-    ax.set_title("Held-out images")
-    return _png(figure)
-
-
-def probability_png(probs: dict[str, float], threshold: float, top: int = 5) -> bytes:
-    """Horizontal bars of the top classes, the threshold as a dashed line."""
-    from matplotlib.figure import Figure
-
-    best = sorted(probs.items(), key=lambda kv: kv[1], reverse=True)[:top][::-1]
-    figure = Figure(figsize=(4.2, 0.45 * len(best) + 0.7))
-    ax = figure.subplots()
-    colors = ["#9aa5b1"] * (len(best) - 1) + ["#1f77b4" if best[-1][1] >= threshold else "#d62728"]
-    ax.barh([name for name, _ in best], [p for _, p in best], color=colors)
-    for y, (_, p) in enumerate(best):
-        ax.text(min(p + 0.02, 0.85), y, f"{p:.0%}", va="center", fontsize=9)
-    ax.axvline(threshold, color="#555", linestyle="--", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("probability (left of the dashed line: 'not sure')")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    return _png(figure)
-
+# ---------------------------------------------------------------- images: uploads and review
 
 @st.cache_data(max_entries=2000, show_spinner=False)
 def thumbnail(path: str, size: int = THUMB_SIZE) -> bytes:
-    """A square JPEG thumbnail of a stored image (cached: blobs never change under their name)."""
-    from PIL import Image, ImageOps
+    """engine.images.thumbnail, cached: stored blobs never change under their name."""
+    from .engine import images
 
-    with Image.open(path) as image:
-        image.draft("RGB", (size * 2, size * 2))
-        square = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    square.save(out, format="JPEG", quality=85)
-    return out.getvalue()
+    return images.thumbnail(path, size)
 
 
-@st.cache_data(max_entries=32, show_spinner=False)
-def augmentation_preview(image_paths: Sequence[str], policy_name: str, fill: str | None,
-                         views: int = 4, backbone: str = "efficientnet_lite0") -> list[list]:
-    """For each image: the backbone's input (prepare_image) and `views` augmented versions of it
-    from the policy (augment_image, the seeds training uses), as uint8 HxWx3 arrays.
-    The one helper here that needs torch: it is imported only when a preview is drawn."""
-    import numpy as np
-
-    from .engine.augment import augment_image, get_policy, view_seed, with_fill
-    from .engine.backbones import get_spec, prepare_image
-    from .store.db import content_hash
-
-    policy = get_policy(policy_name)
-    if fill:
-        policy = with_fill(policy, fill)
-    spec = get_spec(backbone)
-    rows = []
-    for path in image_paths:
-        data = Path(path).read_bytes()
-        x = prepare_image(decode_image(data, draft_size=spec.resize_size), spec)
-        digest = content_hash(data)
-        tensors = [x] + [augment_image(x, policy, view_seed(digest, v)) for v in range(1, views + 1)]
-        rows.append([(t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for t in tensors])
-    return rows
+def upload_form_ui(names: Sequence[str], from_folders: str, image_types: Sequence[str]):
+    """Photos, zips or a folder to add: (category, or None for the folders' names, [(name, bytes)])
+    once 'Add to project' is clicked, else None. Each add empties the uploaders for the next."""
+    limit = st.get_option("server.maxUploadSize")
+    target = st.selectbox("Add to category", [*names, from_folders], key="images_upload_target")
+    round_ = st.session_state.setdefault("images_upload_round", 0)  # a new key empties the uploaders
+    files = st.file_uploader(f"Photos or .zip archives (up to {limit} MB each)", type=[*image_types, "zip"],
+                             accept_multiple_files=True, key=f"images_upload_files_{round_}")
+    folder = st.file_uploader("…or a folder (with one subfolder per category, or into the category above)",
+                              type=list(image_types), accept_multiple_files="directory",
+                              key=f"images_upload_folder_{round_}")
+    if not st.button("Add to project", type="primary", disabled=not (files or folder), key="images_upload_go"):
+        return None
+    st.session_state["images_upload_round"] = round_ + 1
+    return None if target == from_folders else target, [(f.name, f.getvalue()) for f in [*files, *folder]]
 
 
-# ---------------------------------------------------------------- uploads
-
-def report_text(report: IngestReport) -> str:
+def ingest_report_ui(report: IngestReport | None) -> None:
+    """What an upload added, and each file it skipped with the reason."""
+    if report is None:
+        return
     text = f"Added {len(report.added)} image(s)"
     if report.duplicates:
         text += f"; {len(report.duplicates)} already in the project"
     if report.skipped:
         text += f"; {len(report.skipped)} skipped"
-    return text + "."
+    (st.success if report.added else st.warning)(text + ".")
+    for source, reason in report.skipped[:50]:
+        st.caption(f"{source}: {reason}")
 
 
-# ---------------------------------------------------------------- testing a model
+def review_grid_ui(store: Store, project: str, names: Sequence[str], ranked: Mapping[str, Sequence],
+                   change: Callable[[list[int], str | None], str], page_size: int = 24, per_row: int = 6) -> None:
+    """One category's photos a page at a time, most suspicious first (ranked: review.SuspectImage
+    lists), each with its reasons and a tick box; a bar selects, deletes and moves the ticked ones
+    through change(ids, category to move to, or None to delete) -> the sentence to show."""
+    counts = store.counts(project)
+    choose, paging = st.columns([3, 1])
+    category = choose.selectbox("Category", names, key="images_category",
+                                on_change=lambda: st.session_state.update(images_page=1),
+                                help=" · ".join(f"{name}: {n} images" for name, n in counts.items()))
+    suspects = {s.image_id: (i, s) for i, s in enumerate(ranked.get(category, []))}
+    records = sorted(store.list_images(project, category),
+                     key=lambda r: (suspects[r.id][0] if r.id in suspects else len(suspects), r.added_at))
+    pages = max(1, -(-len(records) // page_size))
+    page = paging.number_input(f"Page (of {pages})", 1, pages, key="images_page")
+    shown = records[(page - 1) * page_size: page * page_size]
 
-@dataclass
-class Evaluation:
-    n: int = 0
-    correct: int = 0
-    per_class: dict[str, list[int]] = field(default_factory=dict)  # label -> [correct, n]
-    mistakes: list[tuple[str, str, str, float]] = field(default_factory=list)  # (file, true, predicted, confidence)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    def select(value: bool) -> None:
+        for r in shown:
+            st.session_state[f"images_sel_{r.id}"] = value
 
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.n if self.n else 0.0
+    def apply(move: bool) -> None:
+        ids = [r.id for r in shown if st.session_state.get(f"images_sel_{r.id}")]
+        if not ids:
+            st.session_state["images_action"] = ("warning", "Select photos first: tick the boxes under them.")
+            return
+        try:
+            done = change(ids, st.session_state["images_move_to"] if move else None)
+        except StoreError as exc:
+            st.session_state["images_action"] = ("error", str(exc))
+            return
+        for image_id in ids:
+            st.session_state.pop(f"images_sel_{image_id}", None)
+        st.session_state["images_action"] = ("success", done)
 
-
-def evaluate(classifier, items: Sequence[tuple[str, str, bytes]], batch: int = 32) -> Evaluation:
-    """Accuracy of a predict.Classifier on labelled images; labels match the model's case-insensitively."""
-    known = {label.casefold(): label for label in classifier.labels}
-    result = Evaluation(per_class={label: [0, 0] for label in classifier.labels})
-    usable = []
-    for name, label, data in items:
-        if label.casefold() in known:
-            usable.append((name, known[label.casefold()], data))
-        else:
-            result.skipped.append((name, f"folder '{label}' is not one of the model's categories"))
-    for start in range(0, len(usable), batch):
-        chunk = usable[start:start + batch]
-        predictions = classifier.predict_bytes([d for _, _, d in chunk], [n for n, _, _ in chunk])
-        for (name, label, _), prediction in zip(chunk, predictions):
-            if prediction.error:
-                result.skipped.append((name, prediction.error))
-                continue
-            result.n += 1
-            result.per_class[label][1] += 1
-            if prediction.label == label:
-                result.correct += 1
-                result.per_class[label][0] += 1
-            else:
-                result.mistakes.append((name, label, prediction.label, prediction.confidence))
-    return result
-
-
-# ---------------------------------------------------------------- sharing
-
-def app_base_url(page_url: str | None, page_path: str) -> str:
-    """The app's root URL from the current page's URL (st.context.url) and its url_path."""
-    url = (page_url or "http://localhost:8501").rstrip("/")
-    suffix = "/" + page_path.strip("/")
-    return url[: -len(suffix)] if page_path and url.endswith(suffix) else url
-
-
-def demo_url(base_url: str, model_id: str) -> str:
-    return f"{base_url.rstrip('/')}/demo?model={model_id}"
+    bar = st.columns([1, 1, 1, 2, 1], vertical_alignment="bottom")
+    bar[0].button("Select all", on_click=select, args=(True,), key="images_all")
+    bar[1].button("Select none", on_click=select, args=(False,), key="images_none")
+    bar[2].button("Delete selected", on_click=apply, args=(False,), key="images_delete", type="primary")
+    bar[3].selectbox("Move selected to", [n for n in names if n != category] or names, key="images_move_to")
+    bar[4].button("Move", on_click=apply, args=(True,), key="images_move")
+    if "images_action" in st.session_state:  # the last action's outcome, until the next one
+        kind, text = st.session_state["images_action"]
+        getattr(st, kind)(text)
+    for start in range(0, len(shown), per_row):
+        for column, record in zip(st.columns(per_row), shown[start:start + per_row]):
+            column.image(thumbnail(str(store.image_path(record))), width="stretch")
+            column.checkbox(f"#{record.id}", key=f"images_sel_{record.id}")
+            for reason in suspects[record.id][1].reasons if record.id in suspects else ():
+                column.caption(f":warning: {reason.text}")
 
 
-def api_snippets(api_url: str, model_id: str, published: bool) -> tuple[str, str]:
-    """A curl command and a Python snippet that classify photo.jpg through the HTTP API
-    (`nanostream serve`); unpublished models need an API key."""
-    endpoint = f"{api_url.rstrip('/')}/v1/models/{model_id}/predict"
-    if published:
-        curl = f'curl -X POST "{endpoint}" \\\n  -F "file=@photo.jpg"'
-        call = f'requests.post("{endpoint}", files={{"file": f}})'
-        imports = "import requests"
-    else:
-        curl = (f'curl -X POST "{endpoint}" \\\n  -H "Authorization: Bearer $NANOSTREAM_KEY" \\\n'
-                f'  -F "file=@photo.jpg"')
-        call = (f'requests.post("{endpoint}", files={{"file": f}},\n'
-                f'                             headers={{"Authorization": f"Bearer {{os.environ[\'NANOSTREAM_KEY\']}}"}})')
-        imports = "import os\n\nimport requests"
-    python = (f'{imports}\n\nwith open("photo.jpg", "rb") as f:\n    response = {call}\n'
-              f'response.raise_for_status()\nprint(response.json()["predictions"][0])')
-    return curl, python
+# ---------------------------------------------------------------- the Build page's options
+
+def build_options_ui(preview: Sequence[str]) -> dict | None:
+    """Augmentation policy with its preview on the `preview` photos, advanced options folded away,
+    and the Build button: a TrainConfig's fields when it is pressed, else None."""
+    choices = build_choices()
+    policies, fills = choices["policies"], list(choices["fill_modes"])
+    left, right = st.columns([1, 1])
+    policy = left.selectbox("Augmentation: the extra copies made of each photo", list(policies), key="build_policy",
+                            format_func=lambda n: f"{n}: {policies[n]}")
+    fill = right.selectbox("Fill: what shows at the edges after a rotation or shift", fills,
+                           index=fills.index(choices["fills"][policy]), key=f"build_fill_{policy}")
+    if preview:
+        st.caption("Preview: each photo as the model sees it, then four augmented copies.")
+        with st.spinner("Drawing the preview…"):
+            rows = augmentation_preview(tuple(preview), policy, fill)
+        for row in rows:
+            st.image(row, width=120, caption=["original"] + [f"copy {i}" for i in range(1, len(row))])
+    with st.expander("Advanced options"):
+        backbones = choices["backbones"]
+        backbone = st.selectbox("Backbone (the pretrained network that reads the photos)", ["auto", *backbones],
+                                key="build_backbone", format_func=lambda n: "auto: try each, keep the best" if n == "auto"
+                                else f"{n} ({backbones[n]:g} GFLOPs per photo)")
+        mode = st.radio("Mode", choices["modes"], horizontal=True, key="build_mode",
+                        help="fast: train only the last layer (seconds to minutes). finetune: also adjust the "
+                             "backbone's last stages (slower; can help with unusual photos). auto: fine-tune and "
+                             "keep it only if it scores better.")
+        views = st.number_input("Augmented copies per photo", 0, 16, choices["views"][policy], key=f"build_views_{policy}")
+    if st.button("Build model", type="primary", key="build_go", icon=":material/model_training:"):
+        return dict(backbone=backbone, augment=policy, fill=fill, views=int(views), mode=mode)
+    return None

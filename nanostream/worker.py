@@ -1,5 +1,5 @@
-"""The entry point of a job's worker process: `python -m nanostream.worker JOB_ID --root STORE`
-runs one job (jobs.run_job) and exits; `--standby FOLDER` first warms up, then waits on stdin for
+"""A job's worker: what each kind of job does (run_job), and the entry point of its process:
+`python -m nanostream.worker JOB_ID --root STORE` runs one job and exits; `--standby FOLDER` first warms up, then waits on stdin for
 the job id the app hands it (standby.py), and runs that one job the same way.
 
 Process-wide settings are made here, in the process that needs them, never on import: the
@@ -9,15 +9,176 @@ Streamlit server, the API and the tests import the engine without them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sqlite3
 import sys
+import threading
+import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import jobs, standby
 from .process import keep_freed_memory
 from .store.db import Store
+from .store.records import Job, StoreError
 
+
+
+class JobFailed(Exception):
+    """Raised inside a worker for an expected failure: the message is shown to the user as is."""
+
+
+class _Reporter:
+    """Progress, heartbeat and cancel checks of one job, as train and search expect them."""
+
+    def __init__(self, store: Store, job_id: str):
+        self.store, self.job_id = store, job_id
+        self._last_write = 0.0
+        self._stage = None
+        self._done = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._done.wait(jobs.HEARTBEAT_S):
+            try:
+                self.store.update_job(self.job_id)  # no change but the heartbeat
+            except StoreError:
+                return  # finished or deleted: nothing left to keep alive
+            except sqlite3.OperationalError:
+                continue  # database busy past the timeout: try at the next beat
+
+    def stop(self) -> None:
+        self._done.set()
+        self._heartbeat.join()
+
+    def progress(self, stage: str, done: int, total: int, message: str | None = None) -> None:
+        now = time.monotonic()
+        if stage == self._stage and done < total and now - self._last_write < jobs.PROGRESS_INTERVAL_S:
+            return
+        self._stage, self._last_write = stage, now
+        try:
+            self.store.update_job(self.job_id, stage=stage, progress=done / total if total else 0.0,
+                                  message=message if message is not None else f"{done} of {total}")
+        except StoreError:
+            pass  # deleted with its project: should_stop() now says stop
+
+    def should_stop(self) -> bool:
+        try:
+            return self.store.cancel_requested(self.job_id)
+        except StoreError:
+            return True  # the job is gone (its project was deleted): stop working for it
+
+
+def run_job(store: Store, job_id: str) -> Job | None:
+    """Run one job to its end in this process, recording everything in the store.
+    Returns the finished job, or None when it was cancelled or deleted before it began."""
+    try:
+        job = store.update_job(job_id, status="running", stage="starting", message="starting")
+    except StoreError:
+        return None  # cancelled while queued, or its project was deleted
+    work = WORK.get(job.kind)
+    reporter = _Reporter(store, job_id)
+    final: dict
+    try:
+        if work is None:
+            raise JobFailed(f"unknown job kind '{job.kind}'; expected one of {', '.join(WORK)}")
+        result = work(store, job, reporter)
+        if job.kind in ("search", "urls") and reporter.should_stop():  # stopped part-way: what it found stays
+            final = dict(status="cancelled", stage="cancelled", result=result,
+                         message="Stopped. The images found so far were kept.")
+        else:  # a build cancelled after its model was saved is a finished build
+            final = dict(status="done", progress=1.0, stage="done", message="done", result=result)
+    except InterruptedError:
+        final = dict(status="cancelled", stage="cancelled", message="Cancelled. The project is unchanged.")
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message on the page
+        traceback.print_exc()
+        final = dict(status="failed", stage="failed", error=_user_message(exc, job), message="failed")
+    finally:
+        reporter.stop()
+    try:
+        return store.update_job(job_id, **final)
+    except StoreError:
+        return None  # the project (and its jobs) were deleted meanwhile
+
+
+def _user_message(exc: Exception, job: Job) -> str:
+    """What the user reads: the message of a failure they can act on; a pointer to the log otherwise."""
+    from .engine.backbones import BackboneUnavailable
+    from .engine.data import DataError
+
+    if isinstance(exc, (JobFailed, DataError, StoreError, OSError, BackboneUnavailable)):
+        return str(exc)
+    what = {"build": "The build", "search": "The search", "urls": "The download", "rank": "Ranking"}.get(job.kind, "The job")
+    return f"{what} failed unexpectedly ({type(exc).__name__}: {exc}). Details: {jobs.log_path(job.id)}"
+
+
+# -- build
+
+def _build(store: Store, job: Job, report: _Reporter) -> dict:
+    """The CLI's `train PROJECT` (flows/build.py), as a job: the summary is the job's result."""
+    from .engine.train import TrainConfig
+    from .flows.build import build_project
+
+    def progress(stage: str, done: int, total: int) -> None:
+        report.progress(stage, done, total, "" if total <= 1 else None)  # a one-step stage has no count to show
+
+    summary = build_project(TrainConfig(**job.params["config"]), project=job.project, store=store,
+                            on_progress=progress, should_stop=report.should_stop)
+    return summary.to_dict()
+
+
+# -- web search
+
+def _search(store: Store, job: Job, report: _Reporter) -> dict:
+    """flows.collect.search_project as a job, the same search as `nanostream images search`: its
+    summary is the result, rewritten after each category so the page shows what came so far."""
+    from .flows.collect import SearchUnavailable, search_project
+
+    params = job.params
+    try:
+        summary = search_project(store, job.project, params["categories"], params["per_category"],
+                                 params.get("terms", ""),  # jobs made without start_search (older ones) have none
+                                 on_progress=report.progress, should_stop=report.should_stop,
+                                 on_category=lambda partial: store.update_job(job.id, result=partial.to_dict()))
+    except SearchUnavailable as exc:
+        raise JobFailed(str(exc)) from None
+    return summary.to_dict()
+
+
+# -- pasted URL lists
+
+def _urls(store: Store, job: Job, report: _Reporter) -> dict:
+    from .sources.ingest import add_sources
+
+    listing = jobs.jobs_dir() / f"{job.id}-urls.txt"  # ingest reads URL lists from .txt files
+    listing.write_text(job.params["text"])
+    added = add_sources(store, job.project, job.params["category"], [listing], should_stop=report.should_stop,
+                        on_progress=lambda d, t: report.progress("downloading", d, t))
+    return {"added": len(added.added), "duplicates": len(added.duplicates),
+            "skipped": [[source.removeprefix(str(listing)), reason] for source, reason in added.skipped
+                        if reason != "cancelled"]}
+
+
+# -- suspicious-image ranking
+
+def _rank(store: Store, job: Job, report: _Reporter) -> dict:
+    from .flows.review import rank_suspicious
+
+    ranked = rank_suspicious(store, job.project, on_progress=lambda d, t: report.progress("ranking", d, t))
+    table = {name: [s.to_dict() for s in suspects] for name, suspects in ranked.items()}
+    path = jobs.jobs_dir() / f"{job.id}-ranking.json"  # a file, not the job row: pages list jobs every second
+    path.write_text(json.dumps(table))
+    return {"fingerprint": job.params.get("fingerprint"), "path": str(path),
+            "flagged": sum(bool(s.reasons) for suspects in ranked.values() for s in suspects)}
+
+
+WORK = {"build": _build, "search": _search, "urls": _urls, "rank": _rank}  # job kind -> what its worker does
+
+
+# ---------------------------------------------------------------- the process
 
 def _warm() -> None:
     """Everything a build needs before its first line of work: imports, backbones, kernels."""
@@ -70,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not job_id:
         parser.error("a job id is needed")
     with Store(args.root) as store:
-        job = jobs.run_job(store, job_id)
+        job = run_job(store, job_id)
     jobs.pid_path(job_id).unlink(missing_ok=True)
     return 0 if job is None or job.status != "failed" else 1
 

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from nanostream import jobs, ui
-from nanostream.store.db import FINISHED, StoreError
+from nanostream import charts, jobs, ui
+from nanostream.flows import review
+from nanostream.flows.build import BuildSummary, candidate_table, class_table, photos_to_fix, preview_photos
+from nanostream.store.records import FINISHED, StoreError
 
 ui.run_through_app()
 store = ui.open_store()
@@ -17,14 +19,15 @@ st.caption(f"{' · '.join(f'**{name}**: {n} photos' for name, n in counts.items(
            f"pretrained network your categories, in the background ({jobs.build_time_hint(store, sum(counts.values()))}). "
            "It also learns from changed copies of each photo, as previewed below.")
 message = st.empty()
-for warning in ui.data_warnings(counts):
+for warning in review.data_warnings(counts):
     st.warning(warning)
 job = jobs.latest_job(store, project, "build")
 
 
-def start(config) -> None:
+def start(begin) -> None:
+    """Start a build (begin() returns its job id); a reason it cannot start is shown at the top."""
     try:
-        jobs.start_build(store, project, config)
+        begin()
     except (jobs.JobError, StoreError) as exc:
         message.error(str(exc))
     else:
@@ -32,104 +35,66 @@ def start(config) -> None:
 
 
 def options_ui() -> None:
-    """Augmentation policy with its preview, advanced options folded away, and the Build button."""
-    choices = ui.build_choices()
-    policies, fills = choices["policies"], list(choices["fill_modes"])
-    left, right = st.columns([1, 1])
-    policy = left.selectbox("Augmentation: the extra copies made of each photo", list(policies), key="build_policy",
-                            format_func=lambda n: f"{n}: {policies[n]}")
-    fill = right.selectbox("Fill: what shows at the edges after a rotation or shift", fills,
-                           index=fills.index(choices["fills"][policy]), key=f"build_fill_{policy}")
-    sample = [str(store.image_path(images[0])) for name in counts
-              if (images := store.list_images(project, name))][:3]
-    if sample:
-        st.caption("Preview: each photo as the model sees it, then four augmented copies.")
-        with st.spinner("Drawing the preview…"):
-            rows = ui.augmentation_preview(tuple(sample), policy, fill)
-        for row in rows:
-            st.image(row, width=120, caption=["original"] + [f"copy {i}" for i in range(1, len(row))])
-    with st.expander("Advanced options"):
-        backbones = choices["backbones"]
-        backbone = st.selectbox("Backbone (the pretrained network that reads the photos)", ["auto", *backbones],
-                                key="build_backbone", format_func=lambda n: "auto: try each, keep the best" if n == "auto"
-                                else f"{n} ({backbones[n]:g} GFLOPs per photo)")
-        mode = st.radio("Mode", choices["modes"], horizontal=True, key="build_mode",
-                        help="fast: train only the last layer (seconds to minutes). finetune: also adjust the "
-                             "backbone's last stages (slower; can help with unusual photos). auto: fine-tune and "
-                             "keep it only if it scores better.")
-        views = st.number_input("Augmented copies per photo", 0, 16, choices["views"][policy], key=f"build_views_{policy}")
-    if st.button("Build model", type="primary", key="build_go", icon=":material/model_training:"):
+    """The build's options (ui.build_options_ui) with a preview on the project's photos; starts it."""
+    options = ui.build_options_ui(preview_photos(store, project))
+    if options is not None:
         from nanostream.engine.train import TrainConfig
 
-        start(TrainConfig(backbone=backbone, augment=policy, fill=fill, views=int(views), mode=mode))
+        config = TrainConfig(**options)
+        start(lambda: jobs.start_build(store, project, config))
 
 
-def fixes_ui(result: dict) -> None:
+def fixes_ui(summary: BuildSummary) -> None:
     """The held-out photos the model got wrong (or nearly), each with a one-click fix."""
-    wrong = [e for e in result["metrics"].get("highest_loss", [])
-             if e["predicted"] != e["label"] or e["confidence"] < ui.NOT_SURE]
     st.subheader("Photos it got wrong")
-    if not wrong:
-        st.caption("Every held-out photo was classified correctly and confidently.")
-    for entry in wrong:
-        try:
-            record = store.get_image(project, entry["image_id"])
-        except (StoreError, TypeError):
-            continue  # deleted since the build
-        if record.category != entry["label"]:
-            continue  # already moved
+    fixes = photos_to_fix(store, project, summary, ui.NOT_SURE)
+    if not fixes:
+        st.caption("Every held-out photo was classified correctly and confidently (or has been fixed).")
+    for entry, record in fixes:
         picture, text, actions = st.columns([1, 3, 2], vertical_alignment="center")
         picture.image(ui.thumbnail(str(store.image_path(record))), width=110)
-        text.markdown(f"Labelled **{entry['label']}**; the model says **{entry['predicted']}** "
-                      f"({entry['confidence']:.0%}).")
-        if entry["predicted"] != entry["label"] and actions.button(
-                f"Move to {entry['predicted']}", key=f"build_move_{record.id}"):
-            store.move_images(project, [record.id], entry["predicted"])
-            st.session_state["build_fixed"] = True
-            st.rerun()
+        text.markdown(f"Labelled **{entry.label}**; the model says **{entry.predicted}** ({entry.confidence:.0%}).")
+        if entry.wrong and actions.button(f"Move to {entry.predicted}", key=f"build_move_{record.id}"):
+            fixed(lambda: store.move_images(project, [record.id], entry.predicted))
         if actions.button("Delete", key=f"build_delete_{record.id}"):
-            store.delete_images(project, [record.id])
-            st.session_state["build_fixed"] = True
-            st.rerun()
-    if st.session_state.get("build_fixed"):
-        if st.button("Rebuild with the fixes", type="primary", key="build_rebuild"):
-            from nanostream.engine.train import TrainConfig
-
-            st.session_state["build_fixed"] = False
-            start(TrainConfig(**job.params["config"]))
+            fixed(lambda: store.delete_images(project, [record.id]))
+    if st.session_state.get("build_fixed") and st.button("Rebuild with the fixes", type="primary", key="build_rebuild"):
+        st.session_state["build_fixed"] = False
+        start(lambda: jobs.rebuild(store, job))
 
 
-def results_ui(result: dict) -> None:
-    metrics = result["metrics"]
-    st.subheader(f"Model {result['model_id']}")
+def fixed(change) -> None:
+    change()
+    st.session_state["build_fixed"] = True  # offers the rebuild until it is started
+    st.rerun()
+
+
+def results_ui(summary: BuildSummary) -> None:
+    st.subheader(f"Model {summary.model_id}")
     accuracy, device = st.columns(2)
-    accuracy.metric(f"Accuracy on {result['n_val']} held-out photos", f"{result['accuracy']:.0%}",
+    accuracy.metric(f"Accuracy on {summary.n_val} held-out photos", f"{summary.accuracy:.0%}",
                     help="Photos kept aside while training, then classified: a fair estimate for new photos.")
-    device.metric("Built on", "GPU" if result["gpu"] else "CPU", help=f"{result['device']}, {result['precision']} "
-                  "arithmetic" + ("" if result["gpu"] else "; no GPU was found on this machine"))
-    st.caption(f"Backbone **{result['backbone']}** · mode **{result['mode']}** · augmentation "
-               f"**{result['policy']['name']}** ({result['policy']['views']} copies per photo, fill "
-               f"{result['policy']['fill']}) · {result['n_train']} training photos · {result['seconds']:.0f} s")
-    if result.get("advice"):
+    device.metric("Built on", "GPU" if summary.gpu else "CPU", help=f"{summary.device}, {summary.precision} "
+                  "arithmetic" + ("" if summary.gpu else "; no GPU was found on this machine"))
+    st.caption(f"Backbone **{summary.backbone}** · mode **{summary.mode}** · augmentation **{summary.augment}** "
+               f"({summary.views} copies per photo, fill {summary.fill}) · {summary.n_train} training photos · "
+               f"{summary.seconds:.0f} s")
+    if summary.advice:
         with st.expander("Would more photos help?"):
-            st.markdown(f"Measured on subsets of your photos: {result['advice']}")
-            if result.get("curve_png") and Path(result["curve_png"]).is_file():
-                st.image(result["curve_png"], width=520)
+            st.markdown(f"Measured on subsets of your photos: {summary.advice}")
+            if summary.curve_png and Path(summary.curve_png).is_file():
+                st.image(summary.curve_png, width=520)
     table, matrix = st.columns([1, 1])
     table.markdown("**Per category** (on the held-out photos)")
-    table.dataframe([{"category": label, "precision": f"{c['precision']:.0%}", "recall": f"{c['recall']:.0%}",
-                      "photos": c["n"]} for label, c in metrics["per_class"].items()], hide_index=True)
-    matrix.image(ui.confusion_png(metrics["confusion"], result["labels"]), width=360)
-    fixes_ui(result)
+    table.dataframe(class_table(summary), hide_index=True)
+    matrix.image(charts.confusion_png(summary.confusion, summary.classes), width=360)
+    fixes_ui(summary)
     st.subheader("Backbones tried")
-    st.dataframe([{"backbone": c["backbone"] + ("  ✓ chosen" if c["backbone"] == result["backbone"] else ""),
-                   "score (cross-validated)": "—" if c["cv_accuracy"] is None else f"{c['cv_accuracy']:.0%}",
-                   "time (s)": round(c["seconds"], 1), "GFLOPs per photo": c["gflops"], "note": c["error"] or ""}
-                  for c in result["candidates"]], hide_index=True)
-    if result["skipped"]:
-        with st.expander(f"{len(result['skipped'])} photo(s) could not be read"):
-            for file, reason in result["skipped"]:
-                st.caption(f"{Path(file).name}: {reason}")
+    st.dataframe(candidate_table(summary), hide_index=True)
+    if summary.skipped:
+        with st.expander(f"{len(summary.skipped)} photo(s) could not be read"):
+            for s in summary.skipped:
+                st.caption(f"{Path(s.file).name}: {s.reason}")
     st.page_link("pages/test.py", label="Next: test the model", icon=":material/arrow_forward:")
 
 
@@ -144,7 +109,7 @@ if job is not None and job.status == "failed":
 elif job is not None and job.status == "cancelled":
     st.info("The last build was cancelled. The project is unchanged.")
 elif job is not None:
-    results_ui(job.result)
+    results_ui(BuildSummary.from_dict(job.result))
     st.divider()
     st.subheader("Build again")
 options_ui()

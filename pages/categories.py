@@ -3,7 +3,7 @@
 import streamlit as st
 
 from nanostream import ui
-from nanostream.store.db import StoreError
+from nanostream.store.records import StoreError
 
 ui.run_through_app()
 store = ui.open_store()

@@ -4,7 +4,7 @@ Nothing here reads or changes a project."""
 import streamlit as st
 
 from nanostream import ui
-from nanostream.store.db import StoreError
+from nanostream.store.records import StoreError
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 

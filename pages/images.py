@@ -5,7 +5,10 @@ import time
 import streamlit as st
 
 from nanostream import jobs, ui
-from nanostream.store.db import FINISHED, StoreError
+from nanostream.flows import review
+from nanostream.flows.collect import read_summary
+from nanostream.sources.ingest import add_uploads
+from nanostream.store.records import FINISHED, StoreError
 
 PAGE_SIZE, PER_ROW = 24, 6
 FROM_FOLDERS = "(use folder names as categories)"
@@ -32,11 +35,12 @@ def outcome_ui(job) -> None:
         return
     result = job.result or {}
     if job.kind == "search":
-        for name, c in result.get("categories", {}).items():
-            line = f"**{name}**: {c.get('added', 0)} added"
-            if c.get("found") is not None:
-                line += f" ({c['found']} found, {c.get('duplicates', 0)} already here, {c.get('failed', 0)} failed to download)"
-            (st.warning if c.get("errors") else st.caption)(line + "".join(f"  \n{e}" for e in c.get("errors", [])))
+        summary = read_summary(job.result)  # None: stopped before it began, or an older version's result
+        for c in summary.categories if summary else ():
+            line = f"**{c.name}**: {len(c.added)} added"
+            if c.searched:
+                line += f" ({c.found} found, {len(c.duplicates)} already here, {len(c.failed)} failed to download)"
+            (st.warning if c.errors else st.caption)(line + "".join(f"  \n{e}" for e in c.errors))
     else:
         st.caption(f"URL list: {result.get('added', 0)} added, {result.get('duplicates', 0)} already here, "
                    f"{len(result.get('skipped', []))} failed.")
@@ -56,24 +60,11 @@ with search_tab:
         except (jobs.JobError, StoreError) as exc:
             message.error(str(exc))
 with upload_tab:
-    limit = st.get_option("server.maxUploadSize")
-    upload_target = st.selectbox("Add to category", [*names, FROM_FOLDERS], key="images_upload_target")
-    round_ = st.session_state.setdefault("images_upload_round", 0)  # a new key empties the uploaders
-    files = st.file_uploader(f"Photos or .zip archives (up to {limit} MB each)", type=[*IMAGE_TYPES, "zip"],
-                             accept_multiple_files=True, key=f"images_upload_files_{round_}")
-    folder = st.file_uploader("…or a folder (with one subfolder per category, or into the category above)",
-                              type=IMAGE_TYPES, accept_multiple_files="directory", key=f"images_upload_folder_{round_}")
-    if st.button("Add to project", type="primary", disabled=not (files or folder), key="images_upload_go"):
-        report = ui.add_uploads(store, project, None if upload_target == FROM_FOLDERS else upload_target,
-                                [(f.name, f.getvalue()) for f in [*files, *folder]])
-        st.session_state["images_upload_report"] = report
-        st.session_state["images_upload_round"] = round_ + 1
+    upload = ui.upload_form_ui(names, FROM_FOLDERS, IMAGE_TYPES)
+    if upload is not None:
+        st.session_state["images_upload_report"] = add_uploads(store, project, *upload)
         st.rerun()
-    report = st.session_state.get("images_upload_report")  # kept: a finished ranking reruns the page
-    if report is not None:
-        (st.success if report.added else st.warning)(ui.report_text(report))
-        for source, reason in report.skipped[:50]:
-            st.caption(f"{source}: {reason}")
+    ui.ingest_report_ui(st.session_state.get("images_upload_report"))  # kept: a finished ranking reruns the page
 with urls_tab:
     urls_target = st.selectbox("Add to category", names, key="images_urls_target")
     text = st.text_area("Image URLs, one per line", key="images_urls_text", placeholder="https://example.com/cat.jpg")
@@ -100,77 +91,21 @@ counts = store.counts(project)
 st.subheader("Review")
 ranking = jobs.ensure_ranking(store, project)
 ranked = jobs.latest_ranking(store, project)
-reasons = {e["id"]: e["reasons"] for entries in ranked.values() for e in entries}
-conflicts = sum(any("also in" in r for r in rs) for rs in reasons.values())
-for warning in ui.data_warnings(counts, conflicts):
+for warning in review.data_warnings(counts, ranked):
     st.warning(warning)
 if not sum(counts.values()):
     st.info("No images yet: search the web or upload some above.")
     st.stop()
-if ranking is not None and ranking.status not in FINISHED:
-    ui.job_progress_ui(ranking.id, "Sorting the photos by how suspicious they look; the order updates when done")
-elif ranking is not None and ranking.status == "failed":
-    st.caption(f"Could not sort by suspicion ({ranking.error}); photos are shown in the order they were added.")
-else:
-    st.caption("Most suspicious photos first: off-topic, duplicated, or looking more like another category. "
-               "Select them to delete or move them.")
+ui.ranking_status_ui(ranking)
 
 
-def reset_page():
-    st.session_state["images_page"] = 1
+def change(ids: list[int], move_to: str | None) -> str:
+    """The review bar's Delete (move_to None) and Move: the page changes the store, the bar says what happened."""
+    if move_to is None:
+        return f"Deleted {store.delete_images(project, ids)} image(s)."
+    return f"Moved {store.move_images(project, ids, move_to)} image(s)."
 
 
-choose, paging = st.columns([3, 1])
-category = choose.selectbox("Category", names, key="images_category", on_change=reset_page,
-                            help=" · ".join(f"{name}: {n} images" for name, n in counts.items()))
-order = {e["id"]: i for i, e in enumerate(ranked.get(category, []))}
-records = sorted(store.list_images(project, category), key=lambda r: (order.get(r.id, len(order)), r.added_at))
-pages = max(1, -(-len(records) // PAGE_SIZE))
-page = paging.number_input(f"Page (of {pages})", 1, pages, key="images_page")
-shown = records[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
-
-
-def selected() -> list[int]:
-    return [r.id for r in shown if st.session_state.get(f"images_sel_{r.id}")]
-
-
-def select_all(value: bool) -> None:
-    for r in shown:
-        st.session_state[f"images_sel_{r.id}"] = value
-
-
-def apply(action: str) -> None:
-    ids = selected()
-    if not ids:
-        st.session_state["images_action"] = ("warning", "Select photos first: tick the boxes under them.")
-        return
-    try:
-        n = (store.delete_images(project, ids) if action == "delete"
-             else store.move_images(project, ids, st.session_state["images_move_to"]))
-    except StoreError as exc:
-        st.session_state["images_action"] = ("error", str(exc))
-        return
-    for image_id in ids:
-        st.session_state.pop(f"images_sel_{image_id}", None)
-    st.session_state["images_action"] = ("success", f"{'Deleted' if action == 'delete' else 'Moved'} {n} image(s).")
-
-
-bar = st.columns([1, 1, 1, 2, 1], vertical_alignment="bottom")
-bar[0].button("Select all", on_click=select_all, args=(True,), key="images_all")
-bar[1].button("Select none", on_click=select_all, args=(False,), key="images_none")
-bar[2].button("Delete selected", on_click=apply, args=("delete",), key="images_delete", type="primary")
-bar[3].selectbox("Move selected to", [n for n in names if n != category] or names, key="images_move_to")
-bar[4].button("Move", on_click=apply, args=("move",), key="images_move")
-if "images_action" in st.session_state:  # the last action's outcome, until the next one
-    kind, text = st.session_state["images_action"]
-    getattr(st, kind)(text)
-
-for start in range(0, len(shown), PER_ROW):
-    for column, record in zip(st.columns(PER_ROW), shown[start:start + PER_ROW]):
-        column.image(ui.thumbnail(str(store.image_path(record))), width="stretch")
-        column.checkbox(f"#{record.id}", key=f"images_sel_{record.id}")
-        for reason in reasons.get(record.id, []):
-            column.caption(f":warning: {reason}")
-
+ui.review_grid_ui(store, project, names, ranked, change, PAGE_SIZE, PER_ROW)
 if min(counts.values()) >= 2:
     st.page_link("pages/build.py", label="Next: build a model", icon=":material/arrow_forward:")

@@ -5,7 +5,7 @@ import streamlit as st
 from nanostream import ui
 from nanostream.jobs import active_job
 from nanostream.flows.sample import SAMPLE_NAME, create_sample_project
-from nanostream.store.db import StoreError
+from nanostream.store.records import StoreError
 
 ui.run_through_app()
 store = ui.open_store()

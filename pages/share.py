@@ -10,6 +10,7 @@ from nanostream.store import keys
 from nanostream import ui
 from nanostream.engine.bundle import BundleError
 from nanostream.engine.models import export_path
+from nanostream.flows import publish
 
 # `nanostream serve` runs the HTTP API apart from this app; say where people reach it.
 API_URL = os.environ.get("NANOSTREAM_API_URL", "http://localhost:8000")
@@ -30,30 +31,31 @@ record = by_id[model_id]
 
 st.subheader("Demo link")
 if record.published:
-    link = ui.demo_url(ui.app_base_url(st.context.url, "share"), model_id)
+    link = publish.demo_url(publish.app_base_url(st.context.url, "share"), model_id)
     st.success("Published: anyone with this link can try the model (they see only the model, not the project).")
     st.code(link, language=None)
     st.link_button("Open the demo page", link, icon=":material/open_in_new:")
     if st.button("Unpublish", key="share_unpublish"):
-        store.set_published(model_id, False)
+        publish.unpublish(store, model_id)
         st.rerun()
 else:
     st.caption("Not published: only you can use this version. Publishing gives a demo link for anyone "
                "and opens the HTTP API to callers without a key. Other versions of this project are unpublished.")
     if st.button("Publish this version", type="primary", key="share_publish"):
-        for other in models:
-            if other.published:
-                store.set_published(other.model_id, False)
-        store.set_published(model_id, True)
-        st.rerun()
+        try:
+            publish.publish(store, model_id)
+        except publish.PublishError as exc:
+            st.error(str(exc))
+        else:
+            st.rerun()
 
 st.subheader("HTTP API")
 st.caption(f"Start the API server with `python -m nanostream serve --port 8000` (this page assumes it at {API_URL}; "
            "set NANOSTREAM_API_URL to change that)." + ("" if record.published else
            " This version is not published, so calls need an API key."))
-curl, python = ui.api_snippets(API_URL, model_id, record.published)
-st.code(curl, language="bash")
-st.code(python, language="python")
+snippets = publish.api_snippets(API_URL, model_id, record.published)
+st.code(snippets.curl, language="bash")
+st.code(snippets.python, language="python")
 
 with st.expander("API keys"):
     with st.form("share_key_form", clear_on_submit=True):
@@ -87,7 +89,7 @@ if bundle.is_file():
     st.download_button("Model bundle (.safetensors: weights, labels, preprocessing)", bundle.read_bytes(),
                        file_name=f"{model_id}.safetensors", icon=":material/download:")
 else:
-    st.error(f"The model file is missing ({bundle}).")
+    st.error("The model file of this version is missing: nothing to download or export. Build it again.")
 for fmt, (label, ext) in EXPORTS.items():
     try:
         out = export_path(model_id, ext)  # refuses an id NanoStream did not make: it could be a path

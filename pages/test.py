@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from nanostream.sources import ingest
 from nanostream import ui
+from nanostream.flows import evaluate
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 MAX_URLS = 20  # fetched while the page waits: a handful, not a batch job
@@ -57,21 +57,22 @@ with measure_tab:
     folder = st.file_uploader("…or a labelled folder", type=IMAGE_TYPES, accept_multiple_files="directory",
                               key="test_folder")
     if archives or folder:
-        items, skipped = ingest.labelled_uploads([(f.name, f.getvalue()) for f in [*archives, *folder]])
-        with st.spinner(f"Classifying {len(items)} photo(s)…"):
-            evaluation = ui.evaluate(classifier, items)
+        photos, skipped = evaluate.uploaded_photos([(f.name, f.getvalue()) for f in [*archives, *folder]])
+        with st.spinner(f"Classifying {len(photos)} photo(s)…"):
+            evaluation = evaluate.evaluate(classifier, photos, skipped)
         if evaluation.n:
             st.metric(f"Accuracy on {evaluation.n} photos", f"{evaluation.accuracy:.0%}")
-            st.dataframe([{"category": label, "correct": c, "photos": n, "accuracy": f"{c / n:.0%}" if n else "—"}
-                          for label, (c, n) in evaluation.per_class.items()], hide_index=True)
-            for file, true, predicted, confidence in evaluation.mistakes[:30]:
-                st.caption(f"{file}: is {true}, predicted {predicted} ({confidence:.0%})")
+            st.dataframe([{"category": c.label, "correct": c.correct, "photos": c.n,
+                           "accuracy": f"{c.recall:.0%}" if c.n else "—"} for c in evaluation.per_class],
+                         hide_index=True)
+            for mistake in evaluation.mistakes[:30]:
+                st.caption(f"{mistake.file}: is {mistake.label}, predicted {mistake.predicted} "
+                           f"({mistake.confidence:.0%})")
         else:
-            st.error("No usable photos found: put them in folders named after the model's categories "
-                     f"({', '.join(classifier.labels)}).")
-        if evaluation.skipped or skipped:
-            with st.expander(f"{len(evaluation.skipped) + len(skipped)} file(s) skipped"):
-                for file, reason in [*skipped, *evaluation.skipped][:100]:
-                    st.caption(f"{file}: {reason}")
+            st.error(evaluation.problem)
+        if evaluation.skipped:
+            with st.expander(f"{len(evaluation.skipped)} file(s) skipped"):
+                for skip in evaluation.skipped[:100]:
+                    st.caption(f"{skip.file}: {skip.reason}")
 
 st.page_link("pages/share.py", label="Next: share the model", icon=":material/arrow_forward:")

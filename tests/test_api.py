@@ -27,7 +27,9 @@ from PIL import Image
 from model_fixture import TinyModel, copy_as, tiny_model
 from nanostream.cli import main as cli
 from nanostream.store import keys
-from nanostream.api.app import RateLimiter, ServeConfig, client_id, create_app, decoded_pixels
+from nanostream.api.app import create_app
+from nanostream.api.limits import RateLimiter, client_id, decoded_pixels
+from nanostream.api.service import ServeConfig
 from nanostream.api.batching import BatchConfig, BatcherClosed, MicroBatcher
 from nanostream.engine.images import decode_image, normalize_image
 from nanostream.store.keys import ApiKey

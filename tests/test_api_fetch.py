@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 
 from model_fixture import copy_as, tiny_model
 from nanostream.cli import main as cli
-from nanostream.sources import download
-from nanostream.api.app import ServeConfig, create_app
-from nanostream.sources.download import MAX_URL_CHARS, PRIVATE_REFUSAL
+from nanostream.sources import addresses
+from nanostream.api.app import create_app
+from nanostream.api.service import ServeConfig
+from nanostream.sources.addresses import MAX_URL_CHARS, PRIVATE_REFUSAL
 from test_download import assert_never_connected, closed_port, drip_headers, quiet_port, raw_server
 
 PUBLIC = "m-00000000f1"  # published: anyone may ask it, no key needed
@@ -51,12 +52,12 @@ def serve(**config):
 
 @pytest.fixture
 def allow_loopback(monkeypatch):
-    monkeypatch.setenv(download.ALLOW_PRIVATE_ENV, "1")
+    monkeypatch.setenv(addresses.ALLOW_PRIVATE_ENV, "1")
 
 
 @pytest.fixture
 def strict(monkeypatch):
-    monkeypatch.delenv(download.ALLOW_PRIVATE_ENV, raising=False)
+    monkeypatch.delenv(addresses.ALLOW_PRIVATE_ENV, raising=False)
 
 
 class Tally:

@@ -19,7 +19,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from nanostream.engine.images import normalize_image
-from nanostream.store.db import FINISHED, Provenance, Store
+from nanostream.store.db import Store
+from nanostream.store.records import FINISHED, Provenance
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SAMPLE = "Sample: ants and bees"
@@ -113,11 +114,29 @@ def test_pages_and_their_helpers_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import nanostream.ui, nanostream.jobs, nanostream.flows.sample, nanostream.store.keys; "
+    code = ("import sys; import nanostream.ui, nanostream.jobs, nanostream.flows.sample, nanostream.store.keys, "
+            "nanostream.flows.review, nanostream.flows.evaluate, nanostream.flows.publish, nanostream.charts; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(APP).parent)
     for page in Path(APP).parent.glob("pages/*.py"):
         assert "import torch" not in page.read_text(), page
+
+
+def test_ui_holds_widgets_only():
+    """ui.py imports neither torch nor PIL (at any depth of the file), and only reads the store:
+    library work lives in the flows, the engine and charts; a page's own callback changes things."""
+    import ast
+
+    from nanostream.store.db import Store
+
+    tree = ast.parse((Path(APP).parent / "nanostream" / "ui.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"torch", "torchvision", "PIL", "numpy", "matplotlib"}
+    reads = {"counts", "image_path", "blob_path", "published_models", "cancel_requested"}
+    writes = {name for name in dir(Store) if not name.startswith(("_", "get_", "list_")) and name not in reads}
+    called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert called & writes == set()
 
 
 
@@ -243,6 +262,35 @@ def test_images_upload_zip_warnings_move_and_delete(home, store, datasets):
     at.button(key="images_delete").click().run()
     ok(at)
     assert store.counts("insects")["ants"] == 1
+
+
+def test_images_page_reads_the_rankings_findings_not_its_words(home, store, datasets, tmp_path):
+    """A finished ranking that files one photo under two labels: the page counts it by its Finding,
+    however the reason is worded, and shows the reason's text under the photo."""
+    import json
+
+    from nanostream import jobs
+    from nanostream.flows.review import Finding, Reason, SuspectImage
+
+    store.create_project("insects", ["ants", "bees"])
+    add_photos(store, "insects", "ants", photos(datasets, "train", "ants", 5))
+    add_photos(store, "insects", "bees", photos(datasets, "train", "bees", 5))
+    first, second = (r.id for r in store.list_images("insects", "ants")[:2])
+    odd = SuspectImage(first, 0.9, (Reason(Finding.CONFLICT, "this photo is filed twice, see the bees"),))
+    fine = SuspectImage(second, 0.5, (Reason(Finding.LOOKS_LIKE, "looks more like 'bees'"),))
+    ranking = tmp_path / "ranking.json"
+    ranking.write_text(json.dumps({"ants": [odd.to_dict(), fine.to_dict()], "bees": []}))
+    job = store.create_job("insects", "rank", {"fingerprint": jobs.images_fingerprint(store, "insects")})
+    store.update_job(job.id, status="running")
+    store.update_job(job.id, status="done", result={"path": str(ranking)})
+    at = open_app("pages/images.py", "insects")
+    assert texts(at.warning) == ("1 image(s) appear in more than one category (marked 'also in' below): keep each "
+                                 "photo in the one category it belongs to, and delete or move the other copy.")
+    captions = [c.value for c in at.caption]
+    assert ":warning: this photo is filed twice, see the bees" in captions
+    assert captions.index(":warning: this photo is filed twice, see the bees") < captions.index(
+        ":warning: looks more like 'bees'")  # the ranking's order: the photo to act on first
+    assert [j.id for j in store.list_jobs("insects") if j.kind == "rank"] == [job.id]  # current: none started
 
 
 def test_images_page_reports_job_errors_as_messages(home, store):

@@ -63,7 +63,8 @@ def app_url(tmp_path):
 
 def _stop_workers(home: Path) -> None:
     """Cancel the jobs still running (a ranking started by the Images page) and wait for their workers."""
-    from nanostream.store.db import FINISHED, Store
+    from nanostream.store.db import Store
+    from nanostream.store.records import FINISHED
 
     with Store(home) as store:
         for job in store.list_jobs():

@@ -32,11 +32,33 @@ def trained(tiny_hymenoptera, tmp_path_factory):
 
 def test_train_json_contract(trained):
     summary, out, proc = trained
-    for key in ("accuracy", "backbone", "classes", "n_train", "n_val", "seconds", "model_id"):
+    for key in ("model_id", "path", "accuracy", "backbone", "mode", "augment", "classes", "n_train", "n_val",
+                "seconds", "per_class", "confusion", "candidates", "skipped"):  # every key it ever printed
         assert key in summary
     assert summary["classes"] == ["ants", "bees"] and (summary["n_train"], summary["n_val"]) == (12, 8)
-    assert 0.5 <= summary["accuracy"] <= 1 and out.is_file()
+    assert 0.5 <= summary["accuracy"] <= 1 and out.is_file() and summary["path"] == str(out)
+    assert (summary["augment"], summary["mode"], summary["skipped"]) == ("default", "fast", [])
+    assert set(summary["per_class"]["ants"]) >= {"precision", "recall", "n"} and len(summary["confusion"]) == 2
+    assert set(summary["candidates"][0]) == {"backbone", "cv_accuracy", "seconds", "gflops", "error"}
+    assert summary["project"] is None and summary["config"]["views"] == 1 and summary["policy"]["views"] == 1
     assert "features efficientnet_lite0" in proc.stderr  # progress on stderr, not stdout
+
+
+def test_train_lists_unreadable_files_as_file_and_reason(tiny_hymenoptera, tmp_path):
+    data = tmp_path / "data"
+    for label in ("ants", "bees"):
+        (data / label).mkdir(parents=True)
+        for photo in sorted((tiny_hymenoptera / "train" / label).iterdir())[:3]:
+            (data / label / photo.name).write_bytes(photo.read_bytes())
+    (data / "bees" / "page.jpg").write_text("<!DOCTYPE html><html>gone</html>")
+    summary = last_json(run("train", data, "--backbone", "efficientnet_lite0", "--augment", "none", "--json"))
+    assert summary["skipped"] == [{"file": str(data / "bees" / "page.jpg"), "reason": "not an image (HTML)"}]
+
+
+def test_models_json_lists_how_each_model_was_asked_for(trained):
+    listed = {m["model_id"]: m for m in last_json(run("models", "--json"))}
+    config = listed[trained[0]["model_id"]]["config"]
+    assert config == trained[0]["config"] and (config["backbone"], config["views"]) == ("efficientnet_lite0", 1)
 
 
 def test_predict_json_by_model_id_and_path(trained, tiny_hymenoptera, tmp_path):

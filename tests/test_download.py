@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 from werkzeug import Response
 
-from nanostream.sources import download
+from nanostream.sources import addresses, connections, download
 from nanostream.engine import images
-from nanostream.sources.download import (MAX_URL_CHARS, PRIVATE_REFUSAL, DownloadError, DownloadLimits, check_url,
-                                 fetch_image, fetch_images)
+from nanostream.store.records import content_hash
+from nanostream.sources.addresses import MAX_URL_CHARS, PRIVATE_REFUSAL, DownloadError, check_url
+from nanostream.sources.download import DownloadLimits, fetch_image, fetch_images
 from nanostream.paths import datasets_dir
 
 FAST = DownloadLimits(connect_timeout=1.0, read_timeout=0.5, deadline=3.0)
@@ -63,25 +64,25 @@ def huge_png(tmp_path_factory) -> bytes:
 
 @pytest.fixture
 def allow_loopback(monkeypatch):
-    monkeypatch.setenv(download.ALLOW_PRIVATE_ENV, "1")
+    monkeypatch.setenv(addresses.ALLOW_PRIVATE_ENV, "1")
 
 
 @pytest.fixture
 def only_httpserver_allowed(monkeypatch, httpserver):
     """Private addresses refused as in production, except the test server's own port."""
-    monkeypatch.delenv(download.ALLOW_PRIVATE_ENV, raising=False)
-    strict = download.address_allowed
+    monkeypatch.delenv(addresses.ALLOW_PRIVATE_ENV, raising=False)
+    strict = addresses.address_allowed
 
     def allow_test_server(address: str, port: int) -> bool:
         return (address in ("127.0.0.1", "::1") and port == httpserver.port) or strict(address, port)
 
-    monkeypatch.setattr(download, "address_allowed", allow_test_server)
+    monkeypatch.setattr(connections, "address_allowed", allow_test_server)  # where connections look it up
 
 
 @pytest.fixture
 def strict(monkeypatch):
     """Private addresses refused as in production."""
-    monkeypatch.delenv(download.ALLOW_PRIVATE_ENV, raising=False)
+    monkeypatch.delenv(addresses.ALLOW_PRIVATE_ENV, raising=False)
 
 
 @contextmanager
@@ -171,7 +172,7 @@ def test_fetches_real_jpeg_and_normalizes_it(httpserver, allow_loopback, ant_jpe
     got = fetch_image(url)
     assert got.url == got.final_url == url
     assert got.data == images.normalize_image(ant_jpeg)  # the stored form, metadata stripped
-    assert got.content_hash == images.content_hash(got.data)
+    assert got.content_hash == content_hash(got.data)
     assert (got.width, got.height) == Image.open(io.BytesIO(got.data)).size
     assert got.content_type == "image/jpeg"
 
@@ -328,8 +329,8 @@ def test_private_addresses_are_refused_in_one_sentence(strict, url):
 
 def test_public_addresses_are_allowed(strict):
     check_url("https://93.184.216.34/photo.jpg")  # numeric: no DNS, no network
-    assert download.address_allowed("93.184.216.34", 443)
-    assert download.address_allowed("2606:2800:220:1:248:1893:25c8:1946", 443)
+    assert addresses.address_allowed("93.184.216.34", 443)
+    assert addresses.address_allowed("2606:2800:220:1:248:1893:25c8:1946", 443)
 
 
 @pytest.mark.parametrize("url, reason", [

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from conftest import copy_slice
-from nanostream.experiments import research as E
+from nanostream.engine import curve as C
+from nanostream.experiments import augmentation, common, curves, transfer
 from nanostream.cli.main import main
 from nanostream.engine.data import scan_folder
 from nanostream.engine.features import FeatureCache
 
 ARM_KEYS = {"accuracies", "mean", "std"}
 # Tiny but real: 3 classes x 6 photos; 2 seeds, 1 view per image keep the module near 30 s on 2 cores.
-FAST = E.ExperimentConfig(seeds=2, views=1)
-FAST_SCRATCH = E.ScratchConfig(size=32, epochs=2)
+FAST = common.ExperimentConfig(seeds=2, views=1)
+FAST_SCRATCH = transfer.ScratchConfig(size=32, epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +49,27 @@ def bees(tmp_path_factory, home, datasets) -> Path:
 # splits ----------------------------------------------------------------------------------------
 
 def test_splits_hold_out_per_seed_and_nest_training_subsets(flowers):
-    table = E._Run(FAST, None, None, None, FeatureCache()).table(scan_folder(flowers))
-    splits = E.make_splits(table, 3, None, 0.25)
+    table = common.Run(FAST, None, None, None, FeatureCache()).table(scan_folder(flowers))
+    splits = C.make_splits(table, 3, None, 0.25)
     assert len({s.test for s in splits}) > 1, "no val/: each seed holds out its own images"
     for split in splits:
         assert not set(split.train()) & set(split.test)
         assert [len(rows) for rows in split.train_by_class] == [4, 4, 4]  # 6 per class, 2 held out
         assert set(split.train(2)) < set(split.train())                   # smaller sizes nest
         assert {int(table.y[r]) for r in split.test} == {0, 1, 2}
-    capped = E.make_splits(table, 3, 3, 0.25)
+    capped = C.make_splits(table, 3, 3, 0.25)
     assert all(s.per_class == 3 for s in capped)
-    assert E.make_splits(table, 3, None, 0.25) == splits  # the same seeds, the same splits
+    assert C.make_splits(table, 3, None, 0.25) == splits  # the same seeds, the same splits
 
 
 def test_given_val_is_the_test_set_for_every_seed(bees):
     dataset = scan_folder(bees)
-    table = E._Run(FAST, None, None, None, FeatureCache()).table(dataset)
+    table = common.Run(FAST, None, None, None, FeatureCache()).table(dataset)
     val_rows = {i for i, item in enumerate(table.items) if item in set(dataset.val)}
-    splits = E.make_splits(table, 3, 3, 0.25)
+    splits = C.make_splits(table, 3, 3, 0.25)
     assert all(set(s.test) == val_rows for s in splits)
     assert len({tuple(sorted(s.train())) for s in splits}) > 1  # the seed picks training images
-    result = E.augmentation_experiment(dataset, ["none"], E.ExperimentConfig(seeds=2, views=1, per_class=3))
+    result = augmentation.augmentation_experiment(dataset, ["none"], common.ExperimentConfig(seeds=2, views=1, per_class=3))
     assert result.test_given and result.n_test == 6 and result.train_per_class == 3
 
 
@@ -76,8 +77,8 @@ def test_given_val_is_the_test_set_for_every_seed(bees):
 
 def test_augmentation_arms_shape_and_same_seed_same_numbers(flowers):
     dataset = scan_folder(flowers)
-    first = E.augmentation_experiment(dataset, ["none", "hflip"], FAST)
-    again = E.augmentation_experiment(dataset, ["none", "hflip"], FAST)
+    first = augmentation.augmentation_experiment(dataset, ["none", "hflip"], FAST)
+    again = augmentation.augmentation_experiment(dataset, ["none", "hflip"], FAST)
     arms = [arm.to_dict("policy") for arm in first.arms]
     assert arms == [arm.to_dict("policy") for arm in again.arms]
     assert [a["policy"] for a in arms] == ["none", "hflip"]
@@ -86,21 +87,21 @@ def test_augmentation_arms_shape_and_same_seed_same_numbers(flowers):
         assert len(arm["accuracies"]) == 2 and all(0 <= a <= 1 for a in arm["accuracies"])
         assert arm["mean"] == pytest.approx(np.mean(arm["accuracies"]), abs=1e-4)
         assert arm["std"] == pytest.approx(np.std(arm["accuracies"], ddof=1), abs=1e-4)
-    assert E.plot_arms(first).startswith(b"\x89PNG")
+    assert common.plot_arms(first).startswith(b"\x89PNG")
 
 
 def test_default_arms_are_none_default_and_each_technique():
     from nanostream.engine.augment import single_technique_policies
 
-    assert list(E.augmentation_arms()) == ["none", "default", *single_technique_policies()]
+    assert list(augmentation.augmentation_arms()) == ["none", "default", *single_technique_policies()]
     with pytest.raises(ValueError, match="valid: none, default"):
-        E.augmentation_arms(["none", "sharpen"])
+        augmentation.augmentation_arms(["none", "sharpen"])
 
 
 def test_transfer_arms_shape_and_same_seed_same_numbers(flowers):
     dataset = scan_folder(flowers)
-    first = E.transfer_experiment(dataset, FAST, FAST_SCRATCH)
-    again = E.transfer_experiment(dataset, FAST, FAST_SCRATCH)
+    first = transfer.transfer_experiment(dataset, FAST, FAST_SCRATCH)
+    again = transfer.transfer_experiment(dataset, FAST, FAST_SCRATCH)
     arms = [arm.to_dict() for arm in first.arms]
     assert arms == [arm.to_dict() for arm in again.arms]
     assert [a["name"] for a in arms] == ["scratch", "pretrained"]
@@ -108,56 +109,56 @@ def test_transfer_arms_shape_and_same_seed_same_numbers(flowers):
 
 
 def test_learning_curve_points_and_estimate(flowers):
-    curve = E.learning_curve(scan_folder(flowers), 0.95, FAST, sizes=(2,))
+    curve = curves.learning_curve(scan_folder(flowers), 0.95, FAST, sizes=(2,))
     d = curve.to_dict()
     assert [p["images_per_class"] for p in d["points"]] == [2, 4]
     assert all(set(p) == {"images_per_class", "accuracy"} for p in d["points"])
     n = d["images_per_class_for_target"]
     assert (isinstance(n, int) and n > 0) or (n is None and d["reason"])
     assert curve.have_per_class == {"daisy": 6, "sunflower": 6, "tulip": 6}
-    assert E.learning_curve(scan_folder(flowers), 0.95, FAST, sizes=(2,)).to_dict() == d
-    assert E.plot_learning_curve(curve).startswith(b"\x89PNG")
+    assert curves.learning_curve(scan_folder(flowers), 0.95, FAST, sizes=(2,)).to_dict() == d
+    assert C.curve_png(curve).startswith(b"\x89PNG")
 
 
 # the fitted curve ------------------------------------------------------------------------------
 
 def test_power_law_fit_recovers_known_parameters():
-    truth = E.PowerLaw(a=0.8, b=0.6, c=0.03)
+    truth = C.PowerLaw(a=0.8, b=0.6, c=0.03)
     sizes = [5, 10, 20, 40, 80]
-    fit, note = E.fit_power_law(sizes, truth.error(sizes))
+    fit, note = C.fit_power_law(sizes, truth.error(sizes))
     assert note is None
     assert (fit.a, fit.b, fit.c) == pytest.approx((0.8, 0.6, 0.03), rel=1e-3, abs=1e-4)
-    n, _, _ = E.images_for_target(fit, 0.95, largest=80)
+    n, _, _ = C.images_for_target(fit, 0.95, largest=80)
     assert n == pytest.approx((0.8 / (0.05 - 0.03)) ** (1 / 0.6), rel=0.01)  # about 466 per class
     assert truth.accuracy(n) >= 0.95 > truth.accuracy(n - 2)
 
 
 def test_unreachable_target_is_null_with_reason():
-    floor = E.PowerLaw(a=0.6, b=0.7, c=0.12)  # levels off at 88% accuracy
-    points = [E.CurvePoint(k, [float(floor.accuracy(k))] * 2) for k in (5, 10, 20, 40)]
-    curve = E.fit_learning_curve(points, 0.95, {"a": 40, "b": 40}, seeds=2)
+    floor = C.PowerLaw(a=0.6, b=0.7, c=0.12)  # levels off at 88% accuracy
+    points = [C.CurvePoint(k, [float(floor.accuracy(k))] * 2) for k in (5, 10, 20, 40)]
+    curve = C.fit_learning_curve(points, 0.95, {"a": 40, "b": 40}, seeds=2)
     d = curve.to_dict()
     assert d["images_per_class_for_target"] is None
     assert "levels off at about 88" in d["reason"]
     assert curve.more_per_class is None and curve.advice().startswith("No estimate for 95%")
     # too far out to extrapolate: the raw estimate is kept, the reported number is null
-    far = E.PowerLaw(a=0.9, b=0.1, c=0.0)
-    n, estimate, reason = E.images_for_target(far, 0.95, largest=40)
-    assert n is None and estimate > E.MAX_EXTRAPOLATION * 40 and "too far" in reason
+    far = C.PowerLaw(a=0.9, b=0.1, c=0.0)
+    n, estimate, reason = C.images_for_target(far, 0.95, largest=40)
+    assert n is None and estimate > C.MAX_EXTRAPOLATION * 40 and "too far" in reason
 
 
 def test_fit_falls_back_gracefully():
-    fit, note = E.fit_power_law([5, 10], [0.4, 0.2])  # two sizes: no floor
+    fit, note = C.fit_power_law([5, 10], [0.4, 0.2])  # two sizes: no floor
     assert fit.c == 0 and fit.b == pytest.approx(1.0) and "2 sizes" in note
-    fit, note = E.fit_power_law([5, 10, 20], [0.3, 0.2, 0.15])  # as many points as parameters
+    fit, note = C.fit_power_law([5, 10, 20], [0.3, 0.2, 0.15])  # as many points as parameters
     assert fit is not None and note.startswith("3 sizes for 3 parameters")
-    assert E.fit_power_law([5], [0.3]) == (None, "need accuracy at 2 or more sizes to fit a curve; have 1")
-    assert E.fit_power_law([5, 10, 20], [0.0, 0.0, 0.0])[0] is None
-    assert E.fit_power_law([20, 5, 10], [0.3, 0.1, 0.2]) == (
+    assert C.fit_power_law([5], [0.3]) == (None, "need accuracy at 2 or more sizes to fit a curve; have 1")
+    assert C.fit_power_law([5, 10, 20], [0.0, 0.0, 0.0])[0] is None
+    assert C.fit_power_law([20, 5, 10], [0.3, 0.1, 0.2]) == (
         None, "accuracy did not improve from the smallest to the largest size measured")
     # no curve, but the measurements reach the target: the smallest size that did
-    perfect = [E.CurvePoint(k, [1.0, 1.0]) for k in (5, 10)]
-    curve = E.fit_learning_curve(perfect, 0.95, {"a": 10, "b": 12})
+    perfect = [C.CurvePoint(k, [1.0, 1.0]) for k in (5, 10)]
+    curve = C.fit_learning_curve(perfect, 0.95, {"a": 10, "b": 12})
     assert curve.images_per_class_for_target == 5 and curve.more_per_class == {"a": 0, "b": 0}
 
 
@@ -167,7 +168,7 @@ def test_images_needed_from_features_for_the_app():
     n, d = 200, 32
     y = torch.arange(2).repeat_interleave(n)
     x = torch.randn(2 * n, d, generator=g) + y[:, None] * 0.35
-    curve = E.images_needed(x, y, ["cats", "dogs"], target=0.8, seeds=3)
+    curve = C.images_needed(x, y, ["cats", "dogs"], target=0.8, seeds=3)
     assert [p.images_per_class for p in curve.points] == [5, 10, 20, 40, 150]  # 50 per class held out
     assert curve.points[-1].accuracy > curve.points[0].accuracy + 0.1
     assert curve.have_per_class == {"cats": 200, "dogs": 200}
@@ -176,8 +177,8 @@ def test_images_needed_from_features_for_the_app():
     assert 150 <= need <= 400
     assert curve.more_per_class == {"cats": max(0, need - 200), "dogs": max(0, need - 200)}
     assert f"about {need} in all" in curve.advice() or "you have enough" in curve.advice()
-    assert E.images_needed(x, y, ["cats", "dogs"], target=0.8, seeds=3).to_dict() == curve.to_dict()
-    assert E.plot_learning_curve(curve).startswith(b"\x89PNG")
+    assert C.images_needed(x, y, ["cats", "dogs"], target=0.8, seeds=3).to_dict() == curve.to_dict()
+    assert C.curve_png(curve).startswith(b"\x89PNG")
 
 
 # CLI -------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_should_stop_interrupts(photos, tmp_path):
 
 def test_unchanged_files_are_not_read_again_and_changed_ones_are(photos, tmp_path, monkeypatch):
     from nanostream.engine import features
-    from nanostream.store.db import content_hash
+    from nanostream.store.records import content_hash
 
     cache = FeatureCache(tmp_path / "cache")
     extract_features(photos, "efficientnet_lite0", cache=cache)

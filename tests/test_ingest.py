@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from nanostream.sources import download
-from nanostream.store.db import content_hash
-from nanostream.sources.ingest import IngestLimits, IngestReport, add_sources, add_upload, layout_categories, safe_parts
-from nanostream.store.db import Store, StoreError
+from nanostream.store.records import content_hash
+from nanostream.sources.archives import layout_categories, safe_parts
+from nanostream.sources.ingest import IngestLimits, IngestReport, add_sources, add_upload
+from nanostream.store.db import Store
+from nanostream.store.records import StoreError
 
 
 def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (12, 10)) -> bytes:

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nanostream import jobs
+from nanostream import jobs, worker
 from nanostream.engine.images import normalize_image
-from nanostream.store.db import FINISHED, Provenance, Store
+from nanostream.store.db import Store
+from nanostream.store.records import FINISHED, Provenance
 from nanostream.engine.train import TrainConfig
 
 TINY = TrainConfig(backbone="efficientnet_lite0", views=1)
@@ -87,13 +88,13 @@ def test_build_runs_in_a_worker_and_records_a_model(store, ants_and_bees):
     assert job.status == "done", job.error
     assert "running" in seen or "queued" in seen
     result = job.result
-    assert result["labels"] == ["ants", "bees"]
+    assert result["classes"] == ["ants", "bees"] and result["project"] == ants_and_bees
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["backbone"] == "efficientnet_lite0" and result["policy"]["views"] == 1
     assert result["device"] in ("CPU",) or result["device"].startswith("GPU")
     assert [c["backbone"] for c in result["candidates"]] == ["efficientnet_lite0"]
     assert all(e["image_id"] in {r.id for r in store.list_images(ants_and_bees)}
-               for e in result["metrics"]["highest_loss"])
+               for e in result["highest_loss"])
     model = store.get_model(result["model_id"])
     assert model.project == ants_and_bees and Path(model.bundle_path).is_file()
     assert model.metrics["accuracy"] == result["accuracy"]
@@ -124,6 +125,16 @@ def test_build_refuses_what_cannot_work(store, ants_and_bees, datasets, monkeypa
     assert newest.status == "cancelled" and first.id == job_id and first.status in ("queued", "running")
     store.request_cancel(job_id)
     assert wait(store, job_id).status == "cancelled"
+
+
+def test_rebuild_starts_the_build_again_as_it_was_asked_for(store, ants_and_bees, monkeypatch):
+    monkeypatch.setattr(jobs, "_launch", lambda *_: None)  # the job's params are the point, not its worker
+    asked = TrainConfig(backbone="efficientnet_lite0", augment="mild", views=2, mode="auto", seed=7)
+    first = store.get_job(jobs.start_build(store, ants_and_bees, asked))
+    store.update_job(first.id, status="done")
+    again = store.get_job(jobs.rebuild(store, first))
+    assert again.id != first.id and again.kind == "build" and again.params == first.params
+    assert TrainConfig(**again.params["config"]) == asked
 
 
 def test_cancel_stops_the_build_and_keeps_the_project_as_it_was(store, ants_and_bees):
@@ -206,7 +217,7 @@ def test_two_projects_build_at_the_same_time(store, ants_and_bees, datasets):
     assert store.get_job(second).status in ("queued", "running")  # both under way together
     done = [wait(store, first), wait(store, second)]
     assert [j.status for j in done] == ["done", "done"], [j.error for j in done]
-    assert done[0].result["labels"] == ["ants", "bees"] and done[1].result["labels"] == ["daisy", "rose"]
+    assert done[0].result["classes"] == ["ants", "bees"] and done[1].result["classes"] == ["daisy", "rose"]
     assert store.list_models("flowers")[0].model_id == done[1].result["model_id"]
     assert done[0].result["model_id"] != done[1].result["model_id"]
 
@@ -214,7 +225,7 @@ def test_two_projects_build_at_the_same_time(store, ants_and_bees, datasets):
 def test_the_worker_reports_an_error_the_user_can_read(store, ants_and_bees):
     """A failure inside training is a job error with its message, never a traceback on the page."""
     job = store.create_job(ants_and_bees, "build", {"config": {**TINY.__dict__, "backbone": "resnet-nonexistent"}})
-    finished = jobs.run_job(store, job.id)
+    finished = worker.run_job(store, job.id)
     assert finished.status == "failed"
     assert "resnet-nonexistent" in finished.error and "Traceback" not in finished.error
 
@@ -228,12 +239,19 @@ def _jpeg(color) -> bytes:
 
 
 def test_search_offline_fails_with_a_clear_message(store, ants_and_bees, monkeypatch):
+    from nanostream.flows import collect
+    from nanostream.sources import search
+
+    monkeypatch.delenv(collect.PROVIDER_ENV, raising=False)  # the real provider, whose engine is unreachable
+    images_before = store.list_images(ants_and_bees)
     with socket_closed_port() as port:
-        monkeypatch.setattr(jobs, "SEARCH_HOST", ("127.0.0.1", port))
+        monkeypatch.setattr(search.DDGSProvider, "reach", ("127.0.0.1", port))
         job = store.create_job(ants_and_bees, "search", {"categories": ["ants"], "per_category": 5})
-        finished = jobs.run_job(store, job.id)
-    assert finished.status == "failed"
-    assert "offline" in finished.error and "Upload" in finished.error
+        finished = worker.run_job(store, job.id)
+    assert finished.status == "failed" and finished.result is None
+    assert finished.error == ("You seem to be offline: the image search (127.0.0.1) cannot be reached "
+                              "(Connection refused). Upload or add photos you have instead, or search again later.")
+    assert store.list_images(ants_and_bees) == images_before
 
 
 class socket_closed_port:
@@ -258,7 +276,7 @@ def test_search_keeps_partial_results_when_rate_limited(store, ants_and_bees, mo
 
     class FakeProvider:
         name = "fake"
-        pacing = search.SearchPacing(pause=0, retries=0, backoff=0)  # cli_project's hook for stand-ins
+        pacing = search.SearchPacing(pause=0, retries=0, backoff=0)  # a stand-in's own pacing (SearchProvider)
 
         def images(self, query, max_results):
             category = query.split()[0]
@@ -271,20 +289,25 @@ def test_search_keeps_partial_results_when_rate_limited(store, ants_and_bees, mo
         fetched = [download.Fetched(u, u, _jpeg(u.rsplit("/", 1)[1][:-4]), "", 64, 48, "image/jpeg") for u in urls]
         return download.FetchReport(tuple(fetched), ())
 
-    from nanostream.cli import project as cli_project
+    from nanostream.flows import collect
 
-    monkeypatch.setenv(cli_project.PROVIDER_ENV, "stand-in")  # no internet check for a stand-in provider
-    monkeypatch.setattr(cli_project, "load_provider", FakeProvider)
+    monkeypatch.setattr(collect, "load_provider", FakeProvider)  # no `reach`: no internet check
     monkeypatch.setattr(download, "fetch_images", fake_fetch)
     job = store.create_job(ants_and_bees, "search", {"categories": ["ants", "bees", "wasps"], "per_category": 5})
-    finished = jobs.run_job(store, job.id)
+    finished = worker.run_job(store, job.id)
 
     assert finished.status == "done", finished.error
-    summary = finished.result["categories"]
-    assert summary["ants"]["added"] == 2 and summary["ants"]["found"] == 2
-    assert summary["bees"]["rate_limited"] and summary["bees"]["added"] == 0
-    assert "Rate limited" in summary["bees"]["errors"][0]
-    assert summary["wasps"]["added"] == 0 and "slow down" in summary["wasps"]["errors"][0]
+    summary = collect.SearchSummary.from_dict(finished.result)
+    ants, bees, wasps = summary.categories
+    assert (ants.name, len(ants.added), ants.found, ants.queries) == ("ants", 2, 2, ("ants", "ants photo"))
+    assert bees.rate_limited and bees.added == () and bees.queries == ("bees",)
+    assert bees.errors == ("Rate limited while searching 'bees' (429). Kept the 0 images found so far; "
+                           "wait a few minutes, then search again.",)
+    assert (wasps.searched, wasps.added, wasps.errors) == (False, (), (
+        "not searched: the search engine asked us to slow down while searching 'bees'; "
+        "search again in a few minutes",))
+    assert (summary.stopped_by, summary.rate_limited, summary.cancelled) == ("bees", True, False)
+    assert summary.counts == {"ants": 6, "bees": 4, "wasps": 0}
     web = [r for r in store.list_images(ants_and_bees, "ants") if r.provenance.source == "web_search"]
     assert len(web) == 2 and web[0].provenance.page_url == "https://page.example"
 
@@ -298,7 +321,7 @@ def test_url_list_job_downloads_into_the_category(store, ants_and_bees, httpserv
         jobs.start_url_list(store, ants_and_bees, "ants", "not a url\n")
     text = f"{httpserver.url_for('/ant.jpg')}\n{httpserver.url_for('/missing.jpg')}\n"
     job = store.create_job(ants_and_bees, "urls", {"category": "ants", "text": text})
-    finished = jobs.run_job(store, job.id)
+    finished = worker.run_job(store, job.id)
     assert finished.status == "done", finished.error
     assert finished.result["added"] == 1 and len(finished.result["skipped"]) == 1
     assert "404" in finished.result["skipped"][0][1]
@@ -310,10 +333,10 @@ def test_ranking_job_orders_every_image_and_reruns_only_when_images_change(store
     job = wait(store, job.id)
     assert job.status == "done", job.error
     ranked = jobs.latest_ranking(store, ants_and_bees)
-    assert sorted(e["id"] for entries in ranked.values() for e in entries) == \
+    assert sorted(e.image_id for entries in ranked.values() for e in entries) == \
         sorted(r.id for r in store.list_images(ants_and_bees))
     assert jobs.ensure_ranking(store, ants_and_bees).id == job.id  # same images: no new job
-    store.delete_images(ants_and_bees, [ranked["ants"][0]["id"]])
+    store.delete_images(ants_and_bees, [ranked["ants"][0].image_id])
     newer = jobs.ensure_ranking(store, ants_and_bees)
     assert newer.id != job.id
     assert wait(store, newer.id).status == "done"

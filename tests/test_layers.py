@@ -122,3 +122,16 @@ def test_pages_are_thin():
     pages = Path(__file__).resolve().parent.parent / "pages"
     sizes = {p.name: len(p.read_text().splitlines()) for p in pages.glob("*.py")}
     assert {name: n for name, n in sizes.items() if n > 120} == {}
+
+
+def test_charts_draw_with_matplotlib_only():
+    """charts sits in layer 0: data in, PNG bytes out, so every layer may draw. It imports no
+    NanoStream module and, past the standard library, only matplotlib and numpy."""
+    import sys
+
+    path = PACKAGE / "charts.py"
+    assert imports_of("charts", path) == []
+    tree = ast.parse(path.read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert roots - set(sys.stdlib_module_names) - {"__future__"} == {"matplotlib", "numpy"}

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from nanostream.store import keys
 from nanostream.engine.bundle import BundleError, read_header, save_bundle
 from nanostream.engine.models import export_path, model_path, resolve_model, scan_models
-from nanostream.store.db import Store, StoreError
+from nanostream.store.db import Store
+from nanostream.store.records import StoreError
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD, BROKEN, VICTIM = "m-00000000a1", "m-00000000b2", "m-00000000c3"
@@ -88,7 +89,7 @@ def test_a_file_claiming_another_models_id_publishes_only_itself(home, tmp_path)
     first = run(home, "publish", claim, "--json")
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout.splitlines()[-1]) == {"model_id": own_id, "published": True,
-                                                        "demo": f"/demo?model={own_id}"}
+                                                        "demo": f"/demo?model={own_id}", "unpublished": []}
     with Store(home) as store:
         assert store.get_model(own_id).published and store.get_model(own_id).bundle_path == str(model_path(own_id))
         with pytest.raises(StoreError):
@@ -141,7 +142,7 @@ def test_the_api_lists_the_sound_models_and_logs_the_damaged_one(damaged, caplog
     from nanostream.api.app import create_app
 
     _, key = keys.create_key("tests")
-    with TestClient(create_app()) as client, caplog.at_level(logging.WARNING, logger="nanostream.api.app"):
+    with TestClient(create_app()) as client, caplog.at_level(logging.WARNING, logger="nanostream.api.service"):
         for headers in ({"Authorization": f"Bearer {key}"}, {}):
             response = client.get("/v1/models", headers=headers)
             assert response.status_code == 200, response.text

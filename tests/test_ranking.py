@@ -12,7 +12,7 @@ from PIL import Image, ImageEnhance
 
 from nanostream.sources.ingest import add_sources
 from nanostream.flows.review import (
-    duplicate_reasons, rank_suspicious, suspicion_scores,
+    Finding, Reason, SuspectImage, data_warnings, duplicate_reasons, rank_suspicious, ranking_from_dict, suspicion_scores,
 )
 from nanostream.engine.dedupe import DuplicateGroup
 from nanostream.store.db import Store
@@ -106,7 +106,7 @@ def test_planted_bee_and_flower_rank_first(store, datasets):
     assert [len(ranked["ants"]), len(ranked["bees"])] == [8, 6]
     assert {s.image_id for s in ranked["ants"][:2]} == {planted_bee, planted_daisy}
     bee = next(s for s in ranked["ants"] if s.image_id == planted_bee)
-    assert bee.reasons == ("looks more like 'bees'",)
+    assert bee.reasons == (Reason(Finding.LOOKS_LIKE, "looks more like 'bees'"),) and not bee.needs_action
     for suspects in ranked.values():  # nothing needs action here: plain score order
         assert [s.score for s in suspects] == sorted((s.score for s in suspects), reverse=True)
 
@@ -121,10 +121,14 @@ def test_duplicates_and_cross_category_copies_are_flagged(store, datasets, tmp_p
 
     ranked = rank_suspicious(store, "copies")
     reasons = {s.image_id: s.reasons for suspects in ranked.values() for s in suspects}
-    assert f"near-duplicate of image {ant_ids[0]}" in reasons[ant_copy]
-    assert f"near-duplicate also in 'bees' as image {bee_ids[1]}" in reasons[bee_as_ant]
-    assert f"near-duplicate also in 'ants' as image {bee_as_ant}" in reasons[bee_ids[1]]
-    assert not any("duplicate" in r for i in (ant_ids[1], ant_ids[2], bee_ids[0]) for r in reasons[i])
+    assert Reason(Finding.COPY, f"near-duplicate of image {ant_ids[0]}") in reasons[ant_copy]
+    assert Reason(Finding.CONFLICT, f"near-duplicate also in 'bees' as image {bee_ids[1]}") in reasons[bee_as_ant]
+    assert Reason(Finding.CONFLICT, f"near-duplicate also in 'ants' as image {bee_as_ant}") in reasons[bee_ids[1]]
+    assert not any(r.finding in (Finding.COPY, Finding.CONFLICT)
+                   for i in (ant_ids[1], ant_ids[2], bee_ids[0]) for r in reasons[i])
+    suspects = [s for suspects in ranked.values() for s in suspects]
+    assert {s.image_id for s in suspects if s.has(Finding.CONFLICT)} == {bee_as_ant, bee_ids[1]}
+    assert "2 image(s) appear in more than one category" in data_warnings({"ants": 6, "bees": 4}, ranked)[-1]
     flagged = {s.image_id for s in ranked["ants"][:2]}
     assert flagged == {ant_copy, bee_as_ant}
 
@@ -142,7 +146,8 @@ def test_unreadable_blob_comes_first_with_its_reason(store, datasets):
     finally:
         blob.write_bytes(original)
     first = ranked["ants"][0]
-    assert first.image_id == ids[1] and first.reasons[0].startswith("unreadable")
+    assert first.image_id == ids[1] and first.reasons[0].finding is Finding.UNREADABLE
+    assert first.reasons[0].text.startswith("unreadable: ") and first.needs_action
 
 
 def test_empty_categories_are_listed(store):
@@ -154,8 +159,28 @@ def test_duplicate_reasons_say_exact_copies_once():
     groups = [DuplicateGroup("exact", ("1", "2"), ("a", "a"), 0),
               DuplicateGroup("near", ("1", "2", "3"), ("a", "a", "b"), 6)]
     reasons = duplicate_reasons(groups)
-    assert reasons["2"] == ["exact copy of image 1", "near-duplicate also in 'b' as image 3"]
-    assert reasons["3"] == ["near-duplicate also in 'a' as image 1"]
+    assert reasons["2"] == [Reason(Finding.COPY, "exact copy of image 1"),
+                            Reason(Finding.CONFLICT, "near-duplicate also in 'b' as image 3")]
+    assert reasons["3"] == [Reason(Finding.CONFLICT, "near-duplicate also in 'a' as image 1")]
+
+
+def test_a_saved_ranking_reads_back_typed_and_the_warning_counts_conflicts_by_finding():
+    """The worker saves to_dict() as JSON; the Images page reads it back and counts by Finding, never by words."""
+    import json
+
+    conflict = Reason(Finding.CONFLICT, "exact copy also in 'b' as image 3")
+    ranked = {"a": [SuspectImage(1, float("inf"), (Reason(Finding.UNREADABLE, "unreadable: empty file"),)),
+                    SuspectImage(2, 0.4, (conflict,))],
+              "b": [SuspectImage(3, 0.3, (Reason(Finding.CONFLICT, "worded any way at all"),)),
+                    SuspectImage(4, 0.1, (Reason(Finding.LOOKS_LIKE, "looks more like 'a'"),))]}
+    saved = json.loads(json.dumps({name: [s.to_dict() for s in suspects] for name, suspects in ranked.items()}))
+    assert saved["a"][1] == {"image_id": 2, "score": 0.4, "reasons": [conflict.text], "findings": ["conflict"]}
+    assert ranking_from_dict(saved) == ranked
+    assert data_warnings({"a": 5, "b": 5}, ranking_from_dict(saved)) == [
+        "2 image(s) appear in more than one category (marked 'also in' below): keep each photo in the one "
+        "category it belongs to, and delete or move the other copy."]
+    with pytest.raises(KeyError):  # a ranking saved before findings existed: not read as if it had none
+        ranking_from_dict({"a": [{"id": 1, "score": 0.1, "reasons": ["exact copy also in 'b' as image 3"]}]})
 
 
 # ---------------------------------------------------------------- leakage

@@ -10,8 +10,8 @@ import primp
 import pytest
 
 from nanostream.sources.search import (
-    DDGSProvider, ImageHit, QueryCache, RateLimited, SearchError, SearchPacing, SearchTimeout,
-    backoff_delay, query_variants, search_category,
+    DDGSProvider, ImageHit, Pacer, QueryCache, RateLimited, SearchError, SearchPacing, SearchTimeout,
+    backoff_delay, make_provider, query_variants, search_category,
 )
 
 
@@ -65,6 +65,28 @@ def test_pause_between_live_calls_only_and_dedup_by_url():
     assert sleeps == [2.0, 2.0]  # none before the first call
     assert progress == [(1, 3), (2, 3), (3, 3)]
     assert (report.errors, report.rate_limited) == ((), False)
+
+
+def test_one_pacer_spaces_live_calls_across_categories_and_never_waits_for_the_cache(tmp_path):
+    cache = QueryCache(tmp_path)
+    script = {"ant": [["a"]], "ant photo": [["b"]], "bee": [["c"]], "bee photo": [["d"]],
+              "cat": [["e"]], "cat photo": [["f"]]}
+    search_category("ant", StandInProvider(script), cache=cache, sleep=Sleeps())  # fills the cache for "ant"
+    provider, sleeps = StandInProvider(script), Sleeps()
+    pacer = Pacer(2.0, sleeps)
+    reports = [search_category(name, provider, cache=cache, pacer=pacer, sleep=Sleeps())
+               for name in ("ant", "bee", "cat")]
+    assert [urls(r) for r in reports] == [["a", "b"], ["c", "d"], ["e", "f"]]
+    assert provider.calls == ["bee", "bee photo", "cat", "cat photo"]  # "ant" came from the cache
+    assert sleeps == [2.0, 2.0, 2.0]  # before every live call but the first, between categories too
+    assert pacer.live_calls == 4
+
+
+def test_providers_by_name():
+    assert isinstance(make_provider(), DDGSProvider) and isinstance(make_provider("ddgs"), DDGSProvider)
+    with pytest.raises(SearchError) as caught:
+        make_provider("altavista")
+    assert str(caught.value) == "unknown image source 'altavista'; valid: ddgs"
 
 
 def test_stops_querying_once_enough_hits_and_caps_them():

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from nanostream import jobs, standby
-from nanostream.store.db import FINISHED, Store
+from nanostream.store.db import Store
+from nanostream.store.records import FINISHED
 
 
 @pytest.fixture()

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nanostream.engine.data import project_items, scan_folder
+from nanostream.engine.data import scan_folder
 from nanostream.store import db as store_module
-from nanostream.store.db import Provenance, Store, StoreError, content_hash
+from nanostream.store.db import Store
+from nanostream.store.records import STALE_JOB_ERROR, Provenance, StoreError, content_hash
 
 
 def jpeg(seed: int, size: tuple[int, int] = (8, 6)) -> bytes:
@@ -204,7 +205,8 @@ def test_prune_blobs_removes_orphans_and_temp_files(store):
 
 _KILLED_IN_ADD_IMAGE = """
 import os, signal, sys
-from nanostream.store.db import Provenance, Store
+from nanostream.store.db import Store
+from nanostream.store.records import Provenance
 
 write_blob = Store._write_blob
 
@@ -313,7 +315,8 @@ def test_two_stores_writing_concurrently_lose_nothing(tmp_path):
 _WORKER = """
 import io, random, sys
 from PIL import Image
-from nanostream.store.db import Provenance, Store
+from nanostream.store.db import Store
+from nanostream.store.records import Provenance
 store = Store(sys.argv[1])
 for i in range(15):
     rng = random.Random(int(sys.argv[2]) * 1000 + i)
@@ -429,7 +432,7 @@ def test_reap_stale_jobs(store):
         conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (beat - 120, dead.id))
     reaped = store.reap_stale_jobs(60)
     assert [j.id for j in reaped] == [dead.id]
-    assert reaped[0].status == "failed" and reaped[0].error == store_module.STALE_JOB_ERROR
+    assert reaped[0].status == "failed" and reaped[0].error == STALE_JOB_ERROR
     assert store.get_job(dead.id) == reaped[0]
     assert store.get_job(alive.id).status == "running"
     assert store.get_job(queued.id).status == "queued"  # no worker yet: nothing to go stale
@@ -438,15 +441,15 @@ def test_reap_stale_jobs(store):
         store.update_job(dead.id, progress=0.9)  # a worker that was only slow learns it was given up on
 
 
-def test_labeled_images_and_export_read_back_by_scan_folder(store, tmp_path):
+def test_images_and_export_read_back_by_scan_folder(store, tmp_path):
     store.create_project("p", ["ants", "bees", "empty"])
     for i in range(3):
         store.add_image("p", "ants", jpeg(i), UPLOAD)
     for i in range(3, 5):
         store.add_image("p", "bees", jpeg(i), UPLOAD)
-    labeled = project_items(store, "p")
-    assert sorted(item.label for item in labeled) == ["ants"] * 3 + ["bees"] * 2
-    assert all(item.path.is_file() for item in labeled)
+    records = store.list_images("p")
+    assert sorted(r.category for r in records) == ["ants"] * 3 + ["bees"] * 2
+    assert all(store.image_path(r).is_file() for r in records)
     out = tmp_path / "export"
     assert store.export_dataset("p", out) == 5
     dataset = scan_folder(out)

@@ -3,6 +3,8 @@ import shutil
 import pytest
 import torch
 
+from nanostream.engine.backbone_specs import BackboneUnavailable
+from nanostream.engine.choice import Candidate, choose_backbone
 from nanostream.engine.data import DataError, scan_folder
 from nanostream.engine.features import FeatureCache
 from nanostream.engine.head import cross_val_accuracy, fit_head, stratified_folds
@@ -21,6 +23,9 @@ def test_fast_path_learns_ants_from_bees(tiny_hymenoptera):
     assert sum(map(sum, result.metrics["confusion"])) == 8
     assert len(result.metrics["highest_loss"]) == 8
     assert any(s.startswith("augmenting") for s in stages)
+    # what the learning curve needs comes with the result: the winner's features of the training pool
+    assert result.pool_features.shape == (12, 1280) and result.pool_targets.tolist() == [0] * 6 + [1] * 6
+    assert result.config == FAST
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +130,18 @@ def test_near_duplicates_never_straddle_the_split(datasets, tmp_path):
         train, val = stratified_split(items, 0.25, seed, groups)
         assert not {groups[str(i.path)] for i in train} & {groups[str(i.path)] for i in val}
         assert {i.label for i in val} == {"ants", "bees"}
+
+
+def test_the_choice_takes_the_best_score_ties_to_the_cheaper_and_keeps_the_preferred_within_one_image():
+    cheap, dear, broken = (Candidate("cheap", 0.80, 1.0, 0.4), Candidate("dear", 0.80, 2.0, 4.0),
+                           Candidate("broken", None, 0.0, 0.1, "no weights"))
+    better = Candidate("better", 0.90, 3.0, 8.0)
+    assert choose_backbone([dear, cheap, broken]) == cheap
+    assert choose_backbone([cheap, better], prefer="cheap", n_train=10) == cheap    # 0.10 is one image in 10
+    assert choose_backbone([cheap, better], prefer="cheap", n_train=20) == better   # two images in 20
+    assert choose_backbone([cheap, better], prefer="broken", n_train=10) == better  # an unusable one is not kept
+    with pytest.raises(BackboneUnavailable, match="^no weights$"):
+        choose_backbone([broken])
 
 
 def test_a_rebuild_keeps_the_previous_backbone_unless_another_is_clearly_better(tiny_hymenoptera, auto_build):

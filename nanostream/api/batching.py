@@ -16,7 +16,7 @@ plus ~9.3 per image; past 12 images the activations outgrow the caches and it ge
 again. The weights are now bf16 once and for all (inference.py), which removes most of that
 per-pass cost, and with it most of what batching could save on the CPU. Two
 intra-op threads cost more CPU than one (~26 ms for one image, ~15 per image at batch 4: they
-wait for each other at every layer). So on the CPU (api.cpu_batch_config) each worker runs one
+wait for each other at every layer). So on the CPU (service.cpu_batch_config) each worker runs one
 intra-op thread, two workers share the cores, and the second starts a pass only while `spill`
 images wait, so that it does not split the waiting requests into passes of one.
 bench/bench_serve.py measures the server with batching on and off.

@@ -12,7 +12,7 @@ from .common import StageBars, check_writable, emit, subcommands
 
 
 def _config(args):
-    from ..experiments.research import ExperimentConfig
+    from ..experiments.common import ExperimentConfig
 
     given = dict(backbone=args.backbone, seeds=args.seeds, per_class=args.per_class, views=args.views,
                  test_fraction=args.test_fraction)
@@ -32,7 +32,8 @@ def _title(args, what: str) -> str:
 
 def cmd_augmentation(args) -> None:
     from ..engine.data import scan_folder
-    from ..experiments.research import arms_table, augmentation_arms, augmentation_experiment, plot_arms
+    from ..experiments.augmentation import augmentation_arms, augmentation_experiment
+    from ..experiments.common import arms_table, plot_arms
 
     names = [n.strip() for n in args.policies.split(",") if n.strip()] if args.policies else None
     augmentation_arms(names)  # an unknown name fails here, before any work
@@ -45,7 +46,8 @@ def cmd_augmentation(args) -> None:
 
 def cmd_transfer(args) -> None:
     from ..engine.data import scan_folder
-    from ..experiments.research import ScratchConfig, arms_table, plot_arms, transfer_experiment
+    from ..experiments.common import arms_table, plot_arms
+    from ..experiments.transfer import ScratchConfig, transfer_experiment
 
     chart = _chart_path(args, "transfer.png")
     scratch = ScratchConfig(**{k: v for k, v in dict(size=args.size, epochs=args.epochs).items() if v is not None})
@@ -59,8 +61,9 @@ def cmd_transfer(args) -> None:
 
 def cmd_learning_curve(args) -> None:
     from ..engine.augment import get_policy
+    from ..engine.curve import curve_png
     from ..engine.data import scan_folder
-    from ..experiments.research import curve_table, learning_curve, plot_learning_curve
+    from ..experiments.curves import curve_table, learning_curve
 
     if not 0 < args.target < 1:
         raise ValueError(f"--target must be between 0 and 1 (e.g. 0.95); got {args.target}")
@@ -69,7 +72,7 @@ def cmd_learning_curve(args) -> None:
     chart = _chart_path(args, "learning-curve.png")
     curve = learning_curve(scan_folder(args.data), args.target, _config(args), augment=args.augment, sizes=sizes,
                            on_progress=StageBars(not args.quiet))
-    chart.write_bytes(plot_learning_curve(curve, _title(args, "learning curve") + f" (target {args.target:.0%})"))
+    chart.write_bytes(curve_png(curve, _title(args, "learning curve") + f" (target {args.target:.0%})"))
     emit(args, f"{curve_table(curve)}\nchart -> {chart}", curve.to_dict())
 
 

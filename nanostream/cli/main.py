@@ -8,79 +8,65 @@ cause is one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from ..process import keep_freed_memory
 from .common import StageBars, UserError, check_writable, checked_model, emit, subcommands
 
 
-def load_data(ref: str):
-    """DATA is a folder (DATA/<class>/* or DATA/train|val/<class>/*) or a project's name.
-    Returns (dataset, project name or None)."""
-    from ..engine.data import DataError, Dataset, project_items, scan_folder
-
+def load_data(ref: str) -> dict:
+    """DATA is a folder (DATA/<class>/* or DATA/train|val/<class>/*) or a project's name: the
+    folder= or project= of flows.build.build_project."""
     if Path(ref).exists() or os.sep in ref:
-        return scan_folder(ref), None
-    from ..store.db import Store, StoreError
+        return {"folder": ref}
+    from ..engine.data import DataError
+    from ..store.db import Store
+    from ..store.records import StoreError
 
     with Store() as store:
         try:
-            project = store.get_project(ref)
+            return {"project": store.get_project(ref).name}
         except StoreError:
             names = [p.name for p in store.list_projects()]
             known = f" (projects: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
-            raise DataError(f"no data folder or project named '{ref}'{known}") from None
-        items = project_items(store, project.name)
-    present = {item.label for item in items}
-    classes = tuple(c for c in project.categories if c in present)  # the project's order; empty ones left out
-    return Dataset(classes, tuple(items)), project.name
+            raise DataError(f"no data folder or project named '{ref[:200]}'{known}") from None
 
 
 # ---------------------------------------------------------------- commands
 
 def cmd_train(args) -> None:
-    from ..engine.models import save_trained
-    from ..engine.train import TrainConfig, train
+    from ..engine.train import TrainConfig
+    from ..flows.build import build_project
+    from ..store.db import Store
 
     check_writable(args.out)
-    dataset, project = load_data(args.data)
-    prefer = None
-    if project and args.backbone == "auto":
-        from ..jobs import previous_backbone
-        from ..store.db import Store
-
-        prefer = previous_backbone(Store(), project)
+    source = load_data(args.data)
     config = TrainConfig(backbone=args.backbone, augment=args.augment, fill=args.fill, views=args.views,
-                         mode=args.mode, seed=args.seed, prefer=prefer)
+                         mode=args.mode, seed=args.seed)
     config.policy()  # an unknown policy or fill fails here, before any work
-    result = train(dataset, config, on_progress=StageBars(not args.quiet))
-    model_id, path = save_trained(result, args.out, project)
-    if project:  # a project's builds are its versions, listed by the app's Share page
-        from ..store.db import Store
+    with (Store() if "project" in source else contextlib.nullcontext()) as store:  # a folder needs no store
+        summary = build_project(config, **source, store=store, out=args.out, on_progress=StageBars(not args.quiet))
+    emit(args, _train_text(summary), summary.to_dict())
 
-        Store().record_model(project, model_id, path, result.metrics)
-    summary = {
-        "model_id": model_id, "path": str(args.out or path), "accuracy": result.metrics["accuracy"],
-        "backbone": result.backbone, "mode": result.mode, "augment": result.policy.name,
-        "classes": list(result.labels), "n_train": result.n_train, "n_val": result.n_val,
-        "seconds": round(result.seconds, 3), "per_class": result.metrics["per_class"],
-        "confusion": result.metrics["confusion"],
-        "candidates": [c.__dict__ for c in result.candidates],
-        "skipped": [{"file": f, "reason": r} for f, r in result.skipped],
-    }
-    lines = [f"model {model_id} -> {summary['path']}",
-             f"backbone {result.backbone} ({result.mode}), accuracy {result.metrics['accuracy']:.3f} "
-             f"on {result.n_val} validation images, {result.n_train} training, {result.seconds:.1f}s"]
-    for c in result.candidates:
+
+def _train_text(summary) -> str:
+    lines = [f"model {summary.model_id} -> {summary.path}",
+             f"backbone {summary.backbone} ({summary.mode}), accuracy {summary.accuracy:.3f} "
+             f"on {summary.n_val} validation images, {summary.n_train} training, {summary.seconds:.1f}s"]
+    for c in summary.candidates:
         score = "unavailable: " + c.error if c.error else (
             f"cv accuracy {c.cv_accuracy:.3f}" if c.cv_accuracy is not None else "chosen")
         lines.append(f"  candidate {c.backbone:<20} {c.gflops:5.2f} GFLOPs  {c.seconds:6.1f}s  {score}")
-    if result.skipped:
-        lines.append(f"skipped {len(result.skipped)} unreadable files:")
-        lines += [f"  {f}: {r}" for f, r in result.skipped]
-    emit(args, "\n".join(lines), summary)
+    if summary.advice:
+        lines.append(summary.advice)
+    if summary.skipped:
+        lines.append(f"skipped {len(summary.skipped)} unreadable files:")
+        lines += [f"  {s.file}: {s.reason}" for s in summary.skipped]
+    return "\n".join(lines)
 
 
 def cmd_predict(args) -> None:
@@ -99,27 +85,19 @@ def cmd_predict(args) -> None:
 
 def cmd_evaluate(args) -> None:
     path = checked_model(args.model)
-    import torch
-
-    from ..engine.data import scan_folder
-    from ..engine.metrics import classification_report
     from ..engine.predict import load_classifier
+    from ..flows.evaluate import evaluate, folder_photos
 
     classifier = load_classifier(path)
-    dataset = scan_folder(args.data)
-    items = list(dataset.val or dataset.train)
-    unknown = sorted({i.label for i in items} - set(classifier.labels))
-    if unknown:
-        raise UserError(f"DATA has classes the model does not know: {', '.join(unknown)} "
-                        f"(model classes: {', '.join(classifier.labels)})")
-    predictions = classifier.predict_files([i.path for i in items])
-    ok = [(i, p) for i, p in zip(items, predictions) if not p.error]
-    probs = torch.tensor([[p.probs[label] for label in classifier.labels] for _, p in ok]).reshape(-1, len(classifier.labels))
-    y = torch.tensor([classifier.labels.index(i.label) for i, _ in ok], dtype=torch.long)
-    report = classification_report(probs, y, classifier.labels, [str(i.path) for i, _ in ok])
-    report["skipped"] = [{"file": p.file, "reason": p.error} for p in predictions if p.error] + \
-        [{"file": f, "reason": r} for f, r in dataset.skipped]
-    emit(args, f"accuracy {report['accuracy']:.3f} on {report['n']} images", report)
+    evaluation = evaluate(classifier, *folder_photos(args.data))
+    first = {}  # one line per reason on stderr (a stray folder is one line, not one per photo); --json lists all
+    for s in evaluation.skipped:
+        first.setdefault(s.reason, s.file)
+    for reason, n in Counter(s.reason for s in evaluation.skipped).items():
+        print(f"note: skipped {n} file(s), first {first[reason][:200]}: {reason}", file=sys.stderr)
+    if evaluation.problem:
+        raise UserError(evaluation.problem)
+    emit(args, f"accuracy {evaluation.accuracy:.3f} on {evaluation.n} images", evaluation.to_dict())
 
 
 def cmd_models(args) -> None:
@@ -131,7 +109,7 @@ def cmd_models(args) -> None:
     text = "\n".join(f"{m['model_id']}  {m['created_at']}  {m['backbone']:<20} "
                      f"acc {m['metrics']['accuracy']:.3f}  {', '.join(m['labels'])}" for m in metas)
     emit(args, text or "no models yet", [{k: m.get(k) for k in ("model_id", "created_at", "backbone", "labels",
-                                                                  "project")} for m in metas])
+                                                                  "project", "config")} for m in metas])
     if unreadable:
         print(f"note: {len(unreadable)} file(s) in the model folder are not sound models and are not listed; "
               f"`nanostream models --check` names them", file=sys.stderr)

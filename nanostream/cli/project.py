@@ -1,25 +1,17 @@
 """Project commands: `project create|list|delete|rename|categories`, `images search|add|list|review`,
 `export-dataset`. A project is then trained with `nanostream train PROJECT` (cli.load_data).
 
-Web search uses search.DDGSProvider unless NANOSTREAM_SEARCH_PROVIDER names a factory
-("module:function", called with no arguments) that returns another SearchProvider: tests use
-it to search a local stand-in. A provider may carry its own `pacing` (search.SearchPacing);
-the real one is paced by SearchPacing's defaults.
+`images search` is flows.collect.search_project, as the worker's search job is: its provider
+(NANOSTREAM_SEARCH_PROVIDER names a stand-in), pacing and cache live there.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
-import os
 import sys
-import time
 from pathlib import Path
 
+from ..flows.collect import DEFAULT_PER_CATEGORY
 from .common import StageBars, UserError, emit, subcommands
-
-PROVIDER_ENV = "NANOSTREAM_SEARCH_PROVIDER"
-DEFAULT_PER_CATEGORY = 30  # enough for a first model (a few-shot head needs ~10); the user can search again
 
 
 def _store():
@@ -108,91 +100,42 @@ def cmd_project_categories(args) -> None:
 
 # ---------------------------------------------------------------- images
 
-def load_provider():
-    """The search provider: NANOSTREAM_SEARCH_PROVIDER's factory if set, else DDGSProvider."""
-    spec = os.environ.get(PROVIDER_ENV, "").strip()
-    if not spec:
-        from ..sources.search import DDGSProvider
-
-        return DDGSProvider()
-    module_name, _, factory_name = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), factory_name or "provider")
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"{PROVIDER_ENV}={spec!r} is not an importable 'module:factory' ({exc})") from None
-    return factory()
-
-
-class _CountingProvider:
-    """Wraps a provider to count live calls: only those need a pause before the next search."""
-
-    def __init__(self, provider):
-        self.provider, self.name, self.calls = provider, provider.name, 0
-
-    def images(self, query: str, max_results: int):
-        self.calls += 1
-        return self.provider.images(query, max_results)
-
-
 def cmd_images_search(args) -> None:
-    from ..sources import download
-    from .. import paths
-    from ..sources.ingest import add_search_hits
-    from ..sources.search import QueryCache, SearchPacing, search_category
+    from ..flows.collect import NothingToSearch, SearchUnavailable, search_project
 
     if args.per_category < 1:
         raise UserError("--per-category must be at least 1")
-    bars = StageBars(not args.quiet)
     with _store() as store:
         project = store.get_project(args.project).name
-        categories = store.list_categories(project)
-        if args.category:
-            wanted = [store.get_category(project, name).name for name in args.category]
-            categories = [c for c in categories if c.name in wanted]
-        if not categories:
+        try:
+            summary = search_project(store, project, args.category, args.per_category, args.terms or "",
+                                     on_progress=StageBars(not args.quiet))
+        except NothingToSearch:
             raise UserError(f"project '{project}' has no categories to search; "
-                            f"add some with `nanostream project categories {project} --add NAME`")
-        base = load_provider()
-        provider = _CountingProvider(base)
-        pacing = getattr(base, "pacing", None) or SearchPacing()
-        cache = QueryCache(paths.home() / "search-cache")
-        results, lines, stopped_by = {}, [], None
-        for i, category in enumerate(categories):
-            if stopped_by is not None:
-                results[category.name] = {"searched": False, "found": 0, "added": [], "duplicates": [],
-                                          "failed": [], "errors": [f"not searched: rate limited at '{stopped_by}'"],
-                                          "queries": [], "rate_limited": False}
-                continue
-            if i and provider.calls:  # search_category paces within a category; we pace between them
-                time.sleep(pacing.pause)
-            provider.calls = 0
-            extra = ",".join(t for t in (category.search_terms, args.terms or "") if t.strip())
-            report = search_category(category.name, provider, args.per_category, extra, pacing, cache,
-                                     on_progress=bars.bar(f"search {category.name}"))
-            fetched = download.fetch_images([hit.url for hit in report.hits],
-                                            on_progress=bars.bar(f"download {category.name}"))
-            stored = add_search_hits(store, project, category.name, report.hits, fetched)
-            results[category.name] = {"searched": True, "found": len(report.hits), **stored,
-                                      "errors": list(report.errors), "queries": list(report.queries),
-                                      "rate_limited": report.rate_limited}
-            if report.rate_limited:
-                stopped_by = category.name
-        counts = store.counts(project)
+                            f"add some with `nanostream project categories {project} --add NAME`") from None
+        except SearchUnavailable as exc:
+            raise UserError(str(exc)) from None
+    emit(args, _search_text(summary), summary.to_dict())
 
-    for name, r in results.items():
-        lines.append(f"{name}: {_plural(len(r['added']), 'new image')} from {r['found']} found"
-                     f" ({len(r['duplicates'])} already in the project, {len(r['failed'])} failed);"
-                     f" now {counts.get(name, 0)}")
-        lines += [f"  failed {f['url']}: {f['reason']}" for f in r["failed"]]
-        lines += [f"  {e}" for e in r["errors"]]
-    if stopped_by is not None:
-        skipped = [n for n, r in results.items() if not r["searched"]]
-        lines.append(f"rate limited while searching '{stopped_by}': kept every image found so far"
+
+def _search_text(summary) -> str:
+    """A flows.collect.SearchSummary in lines: per category, then where a rate limit stopped it."""
+    from ..sources.addresses import clip_input
+
+    lines = []
+    for c in summary.categories:
+        lines.append(f"{c.name}: {_plural(len(c.added), 'new image')} from {c.found} found"
+                     f" ({len(c.duplicates)} already in the project, {len(c.failed)} failed);"
+                     f" now {summary.counts.get(c.name, 0)}")
+        lines += [f"  failed {clip_input(f.url)}: {f.reason}" for f in c.failed]  # a URL is the engine's input
+        lines += [f"  {e}" for e in c.errors]
+    if summary.stopped_by is not None:
+        names = [c.name for c in summary.categories]
+        skipped = names[names.index(summary.stopped_by) + 1:]
+        lines.append(f"rate limited while searching '{summary.stopped_by}': kept every image found so far"
                      + (f"; not searched: {', '.join(skipped)}" if skipped else "")
                      + ". Wait a few minutes, then search again (finished queries are cached).")
-    emit(args, "\n".join(lines), {"project": project, "categories": results, "counts": counts,
-                                   "added": sum(len(r["added"]) for r in results.values()),
-                                   "rate_limited": stopped_by is not None})
+    return "\n".join(lines)
 
 
 class _GrowingBar:
@@ -275,13 +218,11 @@ def cmd_images_review(args) -> None:
     with _store() as store:
         project = store.get_project(args.project).name
         ranked = rank_suspicious(store, project, args.backbone, on_progress=bars.bar("features"))
-    payload = {name: [{"image_id": s.image_id, "score": s.score if math.isfinite(s.score) else None,  # JSON has no inf
-                       "reasons": list(s.reasons)} for s in suspects]
-               for name, suspects in ranked.items()}
+    payload = {name: [s.to_dict() for s in suspects] for name, suspects in ranked.items()}
     lines = []
     for name, suspects in ranked.items():
         lines.append(f"{name}: {_plural(len(suspects), 'image')}, most suspicious first")
-        lines += [f"  image {s.image_id:>6}  score {s.score:.3f}  {'; '.join(s.reasons)}".rstrip()
+        lines += [f"  image {s.image_id:>6}  score {s.score:.3f}  {'; '.join(r.text for r in s.reasons)}".rstrip()
                   for s in suspects[:args.top]]
     emit(args, "\n".join(lines), {"project": project, "categories": payload})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import socket
 from pathlib import Path
@@ -13,7 +12,8 @@ from .common import UserError, emit, checked_model, subcommands
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from ..api.app import ServeConfig, create_app
+    from ..api.app import create_app
+    from ..api.service import ServeConfig
 
     try:  # a clear one-line error now beats uvicorn's log line and exit status 1 later
         with socket.create_server((args.host, args.port)):
@@ -66,12 +66,9 @@ def cmd_export(args) -> None:
            "labels": str(result.labels_path)})
 
 
-def demo_path(model_id: str) -> str:
-    return f"/demo?model={model_id}"
-
-
-def set_published(ref: str, published: bool) -> str:
-    """Publish or unpublish a model by id or bundle file; returns its id.
+def set_published(ref: str, published: bool):
+    """Publish or unpublish a model by id or bundle file (flows.publish: one published version per
+    project); returns the flow's Publication.
 
     A file is the model its bytes make (models.content_model_id; the registry's own file is its
     id), never the one its header claims, so a file cannot publish another model by naming it;
@@ -79,73 +76,34 @@ def set_published(ref: str, published: bool) -> str:
     a damaged one can always be closed again.
     """
     from ..engine.models import content_model_id, import_bundle, registered_id
+    from ..flows.publish import publish, unpublish
+    from ..store.db import Store
 
     path = Path(ref)
     if path.is_file():
         if published:
             checked_model(ref)  # a bad file: one line naming it, before anything is copied
         ref = registered_id(path) or (import_bundle(path) if published else content_model_id(path))
-    return _publish(ref) if published else _unpublish(ref)
-
-
-def _publish(model_id: str) -> str:
-    from ..engine.bundle import MODEL_ID, BundleError
-    from ..engine.models import model_path, read_registered
-    from ..store.db import Store, StoreError
-
-    if not MODEL_ID.fullmatch(model_id):
-        raise UserError(f"no model file or model id '{model_id[:200]}' (ids are listed by `nanostream models`)")
     with Store() as store:
-        try:
-            record = store.get_model(model_id)
-        except StoreError:  # trained from a folder, or just imported: the store learns of it now
-            record = None
-        registered = model_path(model_id)
-        bundle = registered if registered.is_file() or record is None else Path(record.bundle_path)
-        try:
-            meta = read_registered(model_id, bundle).meta  # sound before anyone may use it
-        except BundleError as exc:
-            raise UserError(f"cannot publish {model_id}: {exc}") from None
-        if record is None:
-            created = datetime.datetime.fromisoformat(meta["created_at"]).timestamp()
-            try:
-                store.record_model(meta.get("project"), model_id, bundle, meta["metrics"], created)
-            except StoreError:  # its project is gone or was never in this store
-                store.record_model(None, model_id, bundle, meta["metrics"], created)
-        store.set_published(model_id, True)
-    return model_id
-
-
-def _unpublish(model_id: str) -> str:
-    """By the store alone: any id it holds, even one an older NanoStream let in unchecked."""
-    from ..engine.bundle import MODEL_ID
-    from ..engine.models import model_path
-    from ..store.db import Store, StoreError
-
-    with Store() as store:
-        try:
-            store.set_published(model_id, False)
-        except StoreError:  # never published: nothing to close, if the model exists at all
-            if not (MODEL_ID.fullmatch(model_id) and model_path(model_id).is_file()):
-                raise UserError(f"no model '{model_id[:200]}' (ids are listed by `nanostream models`)") from None
-    return model_id
+        return publish(store, ref) if published else unpublish(store, ref)
 
 
 def cmd_publish(args) -> None:
-    model_id = set_published(args.model, True)
-    path = demo_path(model_id)
-    payload = {"model_id": model_id, "published": True, "demo": path}
+    done = set_published(args.model, True)
+    closed = f"; unpublished {', '.join(done.unpublished)} (one published version per project)" if done.unpublished else ""
+    payload = {"model_id": done.model_id, "published": True, "demo": done.demo_path,
+               "unpublished": list(done.unpublished)}
     if args.json:
-        emit(args, f"published {model_id}: anyone may use it without an API key", payload)
+        emit(args, f"published {done.model_id}: anyone may use it without an API key{closed}", payload)
     else:
-        print(f"published {model_id}: anyone may use it without an API key; demo page:")
-        print(path)
+        print(f"published {done.model_id}: anyone may use it without an API key{closed}; demo page:")
+        print(done.demo_path)
 
 
 def cmd_unpublish(args) -> None:
-    model_id = set_published(args.model, False)
-    emit(args, f"unpublished {model_id}: it needs an API key again",
-          {"model_id": model_id, "published": False})
+    done = set_published(args.model, False)
+    emit(args, f"unpublished {done.model_id}: it needs an API key again",
+          {"model_id": done.model_id, "published": False})
 
 
 def register(sub, command) -> None:

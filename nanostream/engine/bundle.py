@@ -1,6 +1,6 @@
 """Model bundles: one safetensors file holding the weights and a JSON header that says everything
-else (labels, backbone, preprocessing, augmentation policy, metrics, data fingerprint, versions).
-Loading reads tensors and JSON only: nothing in a bundle is ever unpickled.
+else (labels, backbone, preprocessing, augmentation policy, training config, metrics, data
+fingerprint, versions). Loading reads tensors and JSON only: nothing in a bundle is ever unpickled.
 
 Every reader passes through read_header, which checks a file before anything is built from it:
 sizes bounded, every key a reader relies on present with its type, the head's shapes those of
@@ -187,6 +187,7 @@ def _check_meta(meta) -> None:
     for key in ("project", "name", "backbone_weights"):
         _require(meta, key, (str, type(None)), "a string", optional=True)
     _require(meta, "preprocessing", (dict, type(None)), "an object", optional=True)
+    _require(meta, "config", (dict,), "an object", optional=True)  # models made before it was saved have none
 
 
 def _check_labels(labels: list) -> None:

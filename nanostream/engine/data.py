@@ -105,8 +105,3 @@ def stratified_split(items, val_fraction: float, seed: int, groups: dict[str, st
             else:
                 train += cluster
     return train, val
-
-
-def project_items(store, project: str) -> tuple[LabeledImage, ...]:
-    """A project of the store as training DATA: its image files labelled with their category names."""
-    return tuple(LabeledImage(store.image_path(r), r.category) for r in store.list_images(project))

@@ -16,7 +16,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from ..store.db import content_hash
+from ..store.records import content_hash
 from .images import BadImage, decode_image
 
 # Hamming distance on the 64-bit pHash below which two images count as copies of one photo.

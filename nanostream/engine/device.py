@@ -89,6 +89,8 @@ def machine_summary(device: torch.device | None = None) -> str:
     """What a benchmark prints before its figures: a figure holds for one kind of CPU, not for all."""
     device = device or default_device()
     where = f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "CPU"
-    return (f"CPU: {cpu_info().describe()}\n"
+    # A cap on the kernels (how an AVX2 machine is emulated on an AVX-512 one) must show beside the figures.
+    capped = [f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(name)]
+    return (f"CPU: {cpu_info().describe()}" + (f"; kernels capped by {', '.join(capped)}" if capped else "") + "\n"
             f"runs on: {where}, precision {precision(device)}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")

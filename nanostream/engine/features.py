@@ -25,7 +25,7 @@ from .augment import AugmentPolicy, augment_image, view_seed
 from .backbones import get_spec, prepare_image, weights_fingerprint
 from .device import default_device, precision
 from .inference import inference_backbone
-from ..store.db import content_hash
+from ..store.records import content_hash
 from .images import BadImage, decode_image
 
 # 8 images per forward pass: on the CPU 6-12 cost the least per image; from 16 the activations

@@ -73,6 +73,13 @@ def export_path(model_id: str, ext: str) -> Path:
     return exports_dir() / f"{check_model_id(model_id)}.{ext}"
 
 
+def curve_path(model_id: str) -> Path:
+    """The build's learning-curve chart: among the exports, so deleting the model removes it too."""
+    path = export_path(model_id, "curve.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def resolve_model(ref: str | Path) -> Path:
     """A bundle path, or the model_id of a registered model."""
     path = Path(ref)
@@ -147,7 +154,8 @@ def delete_model(name: str) -> Deleted:
     whose name is not an id can be removed too. A bundle the store recorded outside models/ is
     the user's own file and stays.
     """
-    from ..store.db import Store, StoreError
+    from ..store.db import Store
+    from ..store.records import StoreError
 
     in_registry = {path.stem: path for path in models_dir().glob(f"*{_SUFFIX}")}
     is_id = bool(MODEL_ID.fullmatch(name))
@@ -190,6 +198,7 @@ def save_trained(result, out: str | Path | None = None, project: str | None = No
         "backbone_weights": weights_fingerprint(result.backbone),
         "preprocessing": get_spec(result.backbone).preprocessing(),
         "augmentation": result.policy.to_dict(),
+        "config": asdict(result.config),  # how it was asked for: seed, views, fill, mode, fine-tune settings
         "mode": result.mode,
         "precision": result.precision,
         "metrics": result.metrics,

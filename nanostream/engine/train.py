@@ -3,7 +3,7 @@
 Phases, each reported through `on_progress(stage, done, total)` and interruptible through
 `should_stop()`, so the CLI, the app's worker and the tests drive the same function:
   1. features of the training images for each candidate backbone (cached on disk)
-  2. backbone choice by cross-validated accuracy on the user's own images (ties: the cheaper)
+  2. backbone choice by cross-validated accuracy on the user's own images (choice.choose_backbone)
   3. augmented views of the winner, head fitted on originals + views, scored on validation
   4. mode finetune/auto: last stages unfrozen with online augmentation; kept when it is better
 """
@@ -20,6 +20,7 @@ import torch
 
 from . import backbones
 from .augment import AugmentPolicy, get_policy, with_fill
+from .choice import Candidate, choose_backbone
 from .data import Dataset, LabeledImage, check_trainable, stratified_split
 from .device import default_device, precision
 from .features import FeatureCache, Features, extract_features
@@ -54,17 +55,9 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    backbone: str
-    cv_accuracy: float | None     # None when the backbone could not be used (see error)
-    seconds: float                # feature time on this machine for the training images
-    gflops: float
-    error: str | None = None
-
-
-@dataclass
 class TrainResult:
     labels: tuple[str, ...]
+    config: TrainConfig           # as asked (prefer included): saved beside the model
     backbone: str
     policy: AugmentPolicy
     mode: str                     # the path that produced the model: "fast" or "finetune"
@@ -77,6 +70,11 @@ class TrainResult:
     seconds: float
     data_fingerprint: str
     precision: str
+    # The winner's features of the training pool's originals (every image when validation was split
+    # off, DATA/train otherwise) and their class indices: the learning curve reads them, so a build
+    # extracts each feature once.
+    pool_features: torch.Tensor   # (N, D)
+    pool_targets: torch.Tensor    # (N,)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     finetune_metrics: dict | None = None
 
@@ -145,16 +143,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
                                     seed=config.seed) if len(names) > 1 else None)
         candidates.append(Candidate(name, score, seconds[name], backbones.get_spec(name).gflops))
     candidates.sort(key=lambda c: names.index(c.backbone))
-    usable = [c for c in candidates if c.error is None]
-    if not usable:
-        raise backbones.BackboneUnavailable("; ".join(c.error for c in candidates))
-    # Best cross-validated accuracy wins; equal scores go to the cheaper backbone.
-    best = max(usable, key=lambda c: ((c.cv_accuracy or 0.0), -c.gflops))
-    kept = next((c for c in usable if c.backbone == config.prefer), None)
-    one_image = 1 / len(train_items)
-    if kept and (best.cv_accuracy or 0.0) - (kept.cv_accuracy or 0.0) <= one_image + 1e-9:
-        best = kept
-    winner = best.backbone
+    winner = choose_backbone(candidates, config.prefer, len(train_items or ())).backbone
 
     # 3. the winner's augmented views, the head, and its validation score
     made = pool_features[winner]
@@ -198,10 +187,11 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
         head = fit_head(x_all, y_all, len(labels))
 
     return TrainResult(
-        labels=labels, backbone=winner, policy=policy, mode=mode, head=head, finetuned=finetuned,
+        labels=labels, config=config, backbone=winner, policy=policy, mode=mode, head=head, finetuned=finetuned,
         metrics=metrics, candidates=candidates, n_train=len(train_items), n_val=len(val_items),
         seconds=time.perf_counter() - started, data_fingerprint=_fingerprint(pool_features[winner], pool),
-        precision=precision(device), skipped=skipped, finetune_metrics=finetune_metrics)
+        precision=precision(device), pool_features=pool_features[winner].original,
+        pool_targets=_targets(pool, index_of), skipped=skipped, finetune_metrics=finetune_metrics)
 
 
 def near_duplicate_groups(items: list[LabeledImage]) -> dict[str, str]:

@@ -4,31 +4,81 @@ Web searches bring in off-topic pictures (logos, diagrams, the wrong animal) and
 photo into the wrong category. Both show up in backbone feature space: the image sits far from
 the other images of its category, or nearer to another category. Duplicates are found by
 dedupe.py. This module only suggests; the page (or the user) decides what to delete or move.
+Each reason carries what it found (a Finding) beside its sentence: readers decide by the finding,
+never by the wording. Importing this module costs no torch (pages read rankings and warnings).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import torch
-import torch.nn.functional as F
+from enum import Enum
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..engine.dedupe import DuplicateGroup, ImageRef, find_duplicates
-from ..engine.features import FeatureCache, extract_features
 from ..store.db import Store
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine.features import FeatureCache
 
 # Cheapest backbone in the registry: ranking runs whenever the review page opens, and the
 # features are the same ones a build with this backbone reuses from the cache.
 DEFAULT_BACKBONE = "efficientnet_lite0"
-LOOKS_LIKE = "looks more like"  # reason: nearer another category's centroid than its own
+MIN_PER_CATEGORY = 5      # fewer: the held-out score rests on one or two photos of the category
+IMBALANCE_RATIO = 3.0     # the largest category this many times the smallest: the model leans to it
+
+
+class Finding(Enum):
+    UNREADABLE = "unreadable"    # the stored file no longer decodes
+    COPY = "copy"                # an exact or near copy of another image of its category
+    CONFLICT = "conflict"        # the same picture is also in another category
+    LOOKS_LIKE = "looks like"    # nearer another category's centroid than its own
+
+
+@dataclass(frozen=True)
+class Reason:
+    finding: Finding
+    text: str                    # the sentence the user reads
+
+    @property
+    def needs_action(self) -> bool:
+        """Whatever the score, the user must act: unreadable, a copy or a label conflict.
+        ("looks more like" is not one: it is already in the score, and borderline photos have it.)"""
+        return self.finding is not Finding.LOOKS_LIKE
 
 
 @dataclass(frozen=True)
 class SuspectImage:
     image_id: int
     score: float                 # higher: less typical of its category (see suspicion_scores)
-    reasons: tuple[str, ...] = ()  # concrete findings ("near-duplicate of image 12", ...); empty: none
+    reasons: tuple[Reason, ...] = ()  # concrete findings ("near-duplicate of image 12", ...); empty: none
+
+    @property
+    def needs_action(self) -> bool:
+        return any(r.needs_action for r in self.reasons)
+
+    def has(self, finding: Finding) -> bool:
+        return any(r.finding is finding for r in self.reasons)
+
+    def to_dict(self) -> dict:
+        """JSON (the CLI's and the worker's ranking file): reasons as sentences, findings beside them."""
+        return {"image_id": self.image_id, "score": self.score if math.isfinite(self.score) else None,
+                "reasons": [r.text for r in self.reasons], "findings": [r.finding.value for r in self.reasons]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SuspectImage:
+        """Inverse of to_dict (a null score is an unreadable image's infinite one); ValueError or
+        KeyError for anything else."""
+        reasons = tuple(Reason(Finding(f), str(t)) for f, t in zip(d["findings"], d["reasons"], strict=True))
+        return cls(int(d["image_id"]), math.inf if d["score"] is None else float(d["score"]), reasons)
+
+
+def ranking_from_dict(table: Mapping[str, list[dict]]) -> dict[str, list[SuspectImage]]:
+    """A ranking saved as {category: [SuspectImage.to_dict(), ...]}, typed again."""
+    return {name: [SuspectImage.from_dict(d) for d in entries] for name, entries in table.items()}
 
 
 @dataclass(frozen=True)
@@ -50,6 +100,9 @@ def suspicion_scores(features: torch.Tensor, labels: torch.Tensor, n_classes: in
     its category has nothing to compare with: own distance 1 (orthogonal), which ranks it high.
     Features are L2-normalised first; only directions matter.
     """
+    import torch
+    import torch.nn.functional as F
+
     x = F.normalize(features.float(), dim=1)
     y = labels.long()
     onehot = F.one_hot(y, n_classes).float()            # (N, C)
@@ -76,10 +129,10 @@ def suspicion_scores(features: torch.Tensor, labels: torch.Tensor, n_classes: in
 
 # ---------------------------------------------------------------- duplicates
 
-def duplicate_reasons(groups: Sequence[DuplicateGroup]) -> dict[str, list[str]]:
+def duplicate_reasons(groups: Sequence[DuplicateGroup]) -> dict[str, list[Reason]]:
     """Reasons per image id: later copies inside a category, and every copy that carries a
     different label elsewhere (the user must say which label is right)."""
-    reasons: dict[str, list[str]] = {}
+    reasons: dict[str, list[Reason]] = {}
     exact_copies: set[str] = set()  # a near group lists exact copies again: say it once, as exact
     for group in sorted(groups, key=lambda g: g.kind != "exact"):
         kind = "exact copy" if group.kind == "exact" else "near-duplicate"
@@ -88,13 +141,13 @@ def duplicate_reasons(groups: Sequence[DuplicateGroup]) -> dict[str, list[str]]:
             if category not in first_in:
                 first_in[category] = image_id
             elif image_id not in exact_copies:
-                reasons.setdefault(image_id, []).append(f"{kind} of image {first_in[category]}")
+                reasons.setdefault(image_id, []).append(Reason(Finding.COPY, f"{kind} of image {first_in[category]}"))
                 if group.kind == "exact":
                     exact_copies.add(image_id)
         if len(first_in) > 1:  # the same picture under two or more labels
             for image_id, category in zip(group.ids, group.categories):
                 elsewhere = ", ".join(f"'{c}' as image {i}" for c, i in first_in.items() if c != category)
-                reasons.setdefault(image_id, []).append(f"{kind} also in {elsewhere}")
+                reasons.setdefault(image_id, []).append(Reason(Finding.CONFLICT, f"{kind} also in {elsewhere}"))
     return {image_id: list(dict.fromkeys(r)) for image_id, r in reasons.items()}
 
 
@@ -105,10 +158,14 @@ def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE
                     on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[SuspectImage]]:
     """Every category of the project (empty ones too) -> its images, most suspicious first.
 
-    Images that need action (unreadable, a duplicate, a label conflict; see needs_action) come
-    before the rest; within each part, higher score first. Images nearer another category say
-    so in their reasons. Features come from the cache when present.
+    Images that need action (unreadable, a duplicate, a label conflict; see Reason.needs_action)
+    come before the rest; within each part, higher score first. Images nearer another category
+    say so in their reasons. Features come from the cache when present.
     """
+    import torch
+
+    from ..engine.features import extract_features
+
     categories = [c.name for c in store.list_categories(project)]
     records = store.list_images(project)
     ranked: dict[str, list[SuspectImage]] = {name: [] for name in categories}
@@ -117,10 +174,10 @@ def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE
     paths = [store.image_path(r) for r in records]
     feats = extract_features(paths, backbone, cache=cache, on_progress=on_progress,
                              names=[str(r.id) for r in records])
-    reasons: dict[int, list[str]] = {r.id: [] for r in records}
+    reasons: dict[int, list[Reason]] = {r.id: [] for r in records}
     scores: dict[int, float] = {r.id: float("inf") for r in records}  # unreadable: first in line
     for name, why in feats.failed:
-        reasons[int(name)].append(f"unreadable: {why}")
+        reasons[int(name)].append(Reason(Finding.UNREADABLE, f"unreadable: {why}"))
 
     kept = [records[i] for i in feats.kept]
     if kept:
@@ -130,7 +187,8 @@ def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE
         for i, record in enumerate(kept):
             scores[record.id] = float(result.score[i])
             if result.nearest_other[i] >= 0 and result.other_distance[i] < result.own_distance[i]:
-                reasons[record.id].append(f"{LOOKS_LIKE} '{categories[int(result.nearest_other[i])]}'")
+                nearest = categories[int(result.nearest_other[i])]
+                reasons[record.id].append(Reason(Finding.LOOKS_LIKE, f"looks more like '{nearest}'"))
         refs = [ImageRef(str(r.id), r.category, store.image_path(r)) for r in kept]
         for image_id, why in duplicate_reasons(find_duplicates(refs)).items():
             reasons[int(image_id)] += why
@@ -138,11 +196,28 @@ def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE
     for record in records:
         ranked[record.category].append(SuspectImage(record.id, scores[record.id], tuple(reasons[record.id])))
     for name in ranked:
-        ranked[name].sort(key=lambda s: (not needs_action(s), -s.score, s.image_id))
+        ranked[name].sort(key=lambda s: (not s.needs_action, -s.score, s.image_id))
     return ranked
 
 
-def needs_action(suspect: SuspectImage) -> bool:
-    """A finding the user must act on whatever the score: unreadable, a copy, or a label conflict.
-    ("looks more like" is not one: it is already in the score, and borderline photos have it.)"""
-    return any(not r.startswith(LOOKS_LIKE) for r in suspect.reasons)
+# ---------------------------------------------------------------- before a build
+
+def data_warnings(counts: Mapping[str, int], ranked: Mapping[str, Sequence[SuspectImage]] | None = None) -> list[str]:
+    """What is wrong with a project's images for training, each with what to do about it: too few
+    per category, unbalanced categories, and (from a ranking) photos filed under two categories."""
+    warnings = []
+    few = [f"{name} ({n})" for name, n in counts.items() if n < MIN_PER_CATEGORY]
+    if few:
+        warnings.append(f"Too few images in {', '.join(few)}: add at least {MIN_PER_CATEGORY} per category "
+                        f"(search the web or upload), or the accuracy will be a guess.")
+    filled = {name: n for name, n in counts.items() if n}
+    if len(filled) >= 2:
+        big, small = max(filled, key=filled.get), min(filled, key=filled.get)
+        if filled[big] >= IMBALANCE_RATIO * filled[small]:
+            warnings.append(f"Unbalanced: '{big}' has {filled[big]} images, '{small}' only {filled[small]}. "
+                            f"The model will lean towards '{big}': add images to '{small}' or remove some from '{big}'.")
+    conflicts = sum(s.has(Finding.CONFLICT) for suspects in (ranked or {}).values() for s in suspects)
+    if conflicts:
+        warnings.append(f"{conflicts} image(s) appear in more than one category (marked 'also in' below): "
+                        f"keep each photo in the one category it belongs to, and delete or move the other copy.")
+    return warnings

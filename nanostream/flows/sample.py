@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .. import paths
 from ..sources.ingest import IngestReport, add_sources
-from ..store.db import Project, Store, StoreError
+from ..store.db import Store
+from ..store.records import Project, StoreError
 
 SAMPLE_NAME = "Sample: ants and bees"
 MARKER = "sample-project-created"  # in the store's folder: a user who deletes the sample keeps it deleted

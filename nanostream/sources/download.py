@@ -1,59 +1,37 @@
-"""Safe fetch of untrusted image URLs: address checks, limits, verification, normalization.
+"""Safe fetch of untrusted image URLs: limits, redirects, verification, normalization.
 
 Every URL comes from a web search or an API caller and is treated as hostile. A fetch only
 succeeds for an http(s) URL on a public address whose body is, byte for byte, a decodable
 image within the limits; anything else is a FetchFailure with a short reason the user can read.
 
-A URL is read the way the HTTP client will read it, or refused: no backslash, space, control
-character or user name, and urllib's and urllib3's parsers must agree on its host and port
-(`check_url`). The address check happens where the connection is made: the host of every hop
-(the first URL and each redirect) is resolved once, the fetch is refused unless every address
-is public, and the socket connects to one of those very addresses -- so DNS has no second
-chance to answer differently (DNS rebinding), and nothing, not even a SYN, reaches a private
-address: open and closed private ports get the same sentence. TLS still checks the certificate
-and SNI against the host name. Proxies from the environment are ignored, since a proxy would
-hide the real destination.
-
-One deadline covers the whole fetch -- connect, status line, headers and body -- enforced by a
-watchdog that shuts the sockets down when it passes, so a server dripping bytes cannot hold a
-worker past it (DNS resolution is bounded by the system resolver's own timeout).
+Which URLs and addresses may be fetched is addresses.py's to say; connections.py makes the
+connections (to the checked addresses only) and enforces the whole-fetch deadline. This module
+follows redirects hop by hop (each hop checked again), reads the body under its byte limit,
+checks its format from its first bytes, and normalizes the image; fetch_images runs many
+fetches in a pool, a few per host at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import io
-import ipaddress
 import logging
-import os
-import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import suppress
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
 from PIL import Image
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from ..engine import images
-from ..store.db import content_hash
+from ..store.records import content_hash
+from .addresses import DownloadError, check_url, clip_input
+from .connections import TIMED_OUT, Watchdog, checked_session
 
 log = logging.getLogger(__name__)
 
-ALLOW_PRIVATE_ENV = "NANOSTREAM_ALLOW_PRIVATE_HOSTS"  # "1": tests against 127.0.0.1 only
-# Signed CDN links reach 1-2 KB; longer "URLs" are abuse, and every message about one stays small.
-MAX_URL_CHARS = 4096
-QUOTE_CHARS = 200  # the most of any input a message repeats
-# The one sentence for every private target, reachable or not, whatever kind of address it is.
-PRIVATE_REFUSAL = "refused: private address (only public addresses are fetched)"
-TIMED_OUT = "timed out"
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 # Leading bytes of the formats we accept, whatever the Content-Type claims.
 MAGIC = (
@@ -66,11 +44,6 @@ MAGIC = (
     (b"MM\x00*", "image/tiff"),
 )
 MAGIC_LEN = 12  # enough for every signature above and for RIFF....WEBP
-HEADERS = {
-    "User-Agent": "NanoStream/0.1 (image classifier builder)",
-    "Accept": "image/*",
-    "Accept-Encoding": "identity",  # images are already compressed; no gzip bombs to inflate
-}
 
 
 @dataclass(frozen=True)
@@ -90,7 +63,7 @@ class Fetched:
     url: str            # as asked for
     final_url: str      # after redirects
     data: bytes         # the normalized JPEG from images.normalize_image
-    content_hash: str   # store.db.content_hash(data)
+    content_hash: str   # store.records.content_hash(data)
     width: int          # of data (the normalized image)
     height: int
     content_type: str   # the original format, detected from its magic bytes (data is always JPEG)
@@ -106,213 +79,6 @@ class FetchFailure:
 class FetchReport:
     fetched: tuple[Fetched, ...]       # in input order
     failed: tuple[FetchFailure, ...]   # in input order; every input URL is in one of the two
-
-
-class DownloadError(Exception):
-    """A URL that did not give an image; .reason says why in a few words."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def clip_input(text: str) -> str:
-    """At most QUOTE_CHARS of an input, for a message that repeats it."""
-    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
-
-
-# ---------------------------------------------------------------- reading a URL
-
-def check_url(url: str) -> None:
-    """Raise DownloadError unless url is http(s) and reads the same to us and to the HTTP client.
-
-    urlsplit is what we check, urllib3's parse_url (inside requests) is what connects: any URL
-    the two could read differently is refused rather than guessed at. `\\` is the known case
-    (`http://127.0.0.1:22\\@1.2.3.4/`: urlsplit sees 1.2.3.4, urllib3 connects to 127.0.0.1).
-    """
-    if len(url) > MAX_URL_CHARS:
-        raise DownloadError(f"refused: URL longer than {MAX_URL_CHARS:,} characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:  # bad port or IPv6 literal; its text would quote the input
-        raise DownloadError("refused: malformed URL") from None
-    if parts.scheme not in ("http", "https"):
-        raise DownloadError(f"refused: scheme {clip_input(parts.scheme) or '(none)'!r} (only http and https)")
-    if "\\" in url or " " in url or not url.isprintable():  # isprintable: no control or other space characters
-        raise DownloadError("refused: URL contains a backslash, space or control character")
-    if "@" in parts.netloc:
-        raise DownloadError("refused: URL with a user name or password")
-    if not parts.hostname:
-        raise DownloadError("refused: no host in URL")
-    if not parts.hostname.isascii():
-        raise DownloadError("refused: non-ASCII host name (send its xn-- form)")
-    sent = _sent_host_and_port(url)
-    if sent is None:
-        raise DownloadError("refused: malformed URL")
-    if sent != (parts.hostname, port or (443 if parts.scheme == "https" else 80)):
-        raise DownloadError("refused: ambiguous URL (parsers disagree on its host)")
-
-
-def _sent_host_and_port(url: str) -> tuple[str, int] | None:
-    """Host and port of the URL requests will send, as urllib3 reads it; None if it cannot."""
-    prepared = requests.PreparedRequest()
-    try:
-        prepared.prepare_url(url, None)  # requote_uri decodes %-escapes: "%31%32%37.0.0.1" becomes 127.0.0.1
-        sent = urllib3.util.parse_url(prepared.url)
-    except (requests.RequestException, urllib3.exceptions.LocationParseError, ValueError):
-        return None
-    return (sent.host or "").strip("[]").lower(), sent.port or (443 if sent.scheme == "https" else 80)
-
-
-# ---------------------------------------------------------------- addresses and connections
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64), if any."""
-    if ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    if ip.sixtofour:
-        return ip.sixtofour
-    if ip in ipaddress.IPv6Network("64:ff9b::/96"):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def address_allowed(address: str, port: int) -> bool:
-    """Whether a fetch may connect to this IP: a globally routable unicast address.
-
-    `port` is unused by the rule itself; it is there so tests can allow exactly one server.
-    """
-    if os.environ.get(ALLOW_PRIVATE_ENV) == "1":
-        return True
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
-    if isinstance(ip, ipaddress.IPv6Address) and (inner := _embedded_ipv4(ip)):
-        ip = inner
-    # is_global alone lets a few through (multicast ranges count as global)
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-class _Watchdog:
-    """The whole-fetch deadline: when it passes, every socket of the fetch is shut down.
-
-    A socket timeout only bounds one silent read, and a server sending a byte every few seconds
-    never trips it -- in the body, or in the status line and headers that http.client reads
-    deep inside requests. shutdown() wakes whichever read is blocked, over TLS too.
-    """
-
-    def __init__(self, seconds: float):
-        self.ends = time.monotonic() + seconds
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def remaining(self) -> float:
-        return self.ends - time.monotonic()
-
-    def watch(self, sock: socket.socket) -> None:
-        # A duplicate descriptor of the same socket: wrapping for TLS detaches the original object.
-        with self._lock:
-            self._sockets.append(sock.dup())
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                with suppress(OSError):  # already closed by the other end
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def __enter__(self) -> _Watchdog:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._timer.cancel()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
-
-
-def _connect(host: str, port: int, timeout: float, options, watchdog: _Watchdog) -> socket.socket:
-    """Resolve host once, refuse unless every address is public, then connect to one of them."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        raise DownloadError("cannot resolve host") from None
-    if not all(address_allowed(info[4][0], port) for info in infos):
-        raise DownloadError(PRIVATE_REFUSAL)
-    reason = "connection failed"
-    for family, kind, proto, _, address in infos:
-        if (remaining := watchdog.remaining()) <= 0:
-            raise DownloadError(TIMED_OUT)
-        sock = socket.socket(family, kind, proto)
-        try:
-            for option in options or ():
-                sock.setsockopt(*option)
-            sock.settimeout(min(timeout, remaining))
-            watchdog.watch(sock)
-            sock.connect(address)
-        except OSError as exc:
-            sock.close()
-            reason = TIMED_OUT if isinstance(exc, TimeoutError) else "connection failed"
-            continue
-        if watchdog.expired:  # it passed while connecting, when there was nothing to shut down yet
-            sock.close()
-            raise DownloadError(TIMED_OUT)
-        return sock
-    raise DownloadError(reason)
-
-
-class _CheckedConnection:
-    """Mixin for urllib3 connections: connect through _connect, under the fetch's watchdog."""
-
-    def __init__(self, *args, watchdog: _Watchdog, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._watchdog = watchdog
-
-    def _new_conn(self) -> socket.socket:
-        return _connect(self.host, self.port, self.timeout, self.socket_options, self._watchdog)
-
-
-class _CheckedHTTPConnection(_CheckedConnection, HTTPConnection):
-    pass
-
-
-class _CheckedHTTPSConnection(_CheckedConnection, HTTPSConnection):
-    pass
-
-
-class _CheckedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _CheckedHTTPConnection
-
-
-class _CheckedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _CheckedHTTPSConnection
-
-
-class _CheckedAdapter(HTTPAdapter):
-    def __init__(self, watchdog: _Watchdog):
-        self._watchdog = watchdog
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        # Through the pool class, not pool kwargs: PoolManager builds its pool keys from those.
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": functools.partial(_CheckedHTTPPool, watchdog=self._watchdog),
-            "https": functools.partial(_CheckedHTTPSPool, watchdog=self._watchdog),
-        }
-
-
-def _session(watchdog: _Watchdog) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False  # no proxies or .netrc from the environment: a proxy hides the peer
-    session.headers.update(HEADERS)
-    for prefix in ("http://", "https://"):
-        session.mount(prefix, _CheckedAdapter(watchdog))
-    return session
 
 
 # ---------------------------------------------------------------- one image
@@ -337,7 +103,7 @@ def _failure_reason(exc: requests.RequestException | urllib3.exceptions.HTTPErro
     return f"request failed: {type(exc).__name__}"
 
 
-def _open_final(session: requests.Session, url: str, limits: DownloadLimits, watchdog: _Watchdog):
+def _open_final(session: requests.Session, url: str, limits: DownloadLimits, watchdog: Watchdog):
     """Follow redirects by hand, checking every hop. Returns (final_url, streaming response)."""
     for _hop in range(limits.max_redirects + 1):
         check_url(url)
@@ -403,7 +169,7 @@ def _normalize(data: bytes, limits: DownloadLimits) -> tuple[bytes, int, int]:
 
 def _download(url: str, limits: DownloadLimits) -> tuple[str, bytes, str]:
     """(final_url, body, detected format) of url, all within limits.deadline."""
-    with _Watchdog(limits.deadline) as watchdog, _session(watchdog) as session:
+    with Watchdog(limits.deadline) as watchdog, checked_session(watchdog) as session:
         try:
             final_url, response = _open_final(session, url, limits, watchdog)
             with response:

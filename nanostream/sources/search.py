@@ -1,8 +1,13 @@
-"""Web image search (ddgs): query variants, pacing, backoff and a query cache -> candidate URLs.
+"""Web image search: providers by name, query variants, pacing, backoff and a query cache -> candidate URLs.
 
 Search engines answer an unthrottled client with empty pages or errors, so every live call is
-spaced by a pause, retried with exponential backoff when it looks rate limited or times out,
-and remembered in a QueryCache so a repeated search never calls the engine again.
+spaced by a pause (one Pacer for a whole search, across categories), retried with exponential
+backoff when it looks rate limited or times out, and remembered in a QueryCache so a repeated
+search never calls the engine again.
+
+A provider is anything with a `name` and `images(query, max_results)` (SearchProvider), found
+by its source name in PROVIDERS (make_provider). Adding a search engine is one class and one
+entry there; flows.collect runs every provider the same way.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ class SearchTimeout(SearchError):
 
 
 class SearchProvider(Protocol):
+    """What every image search answers. Optional attributes, read with getattr:
+    `pacing` (a SearchPacing; SearchPacing() when absent) and `reach` ((host, port) the engine
+    answers on, checked before searching to tell "offline" from "no images"; stand-ins have none)."""
+
     name: str  # part of the cache key: different settings must have different names
 
     def images(self, query: str, max_results: int) -> list[ImageHit]:
@@ -67,6 +76,8 @@ def _to_int(value: Any) -> int | None:
 
 class DDGSProvider:
     """Image search through ddgs. Its DuckDuckGo engine is tried first, Bing's when it fails."""
+
+    reach = ("duckduckgo.com", 443)  # where ddgs searches first: unreachable means offline
 
     def __init__(self, safesearch: str = "moderate", license_image: str | None = None,
                  region: str = "wt-wt", timeout: int = 10, type_image: str | None = None,
@@ -99,6 +110,20 @@ class DDGSProvider:
                         query=query, width=_to_int(result.get("width")), height=_to_int(result.get("height")),
                         source=result.get("source") or "", license=self.license_image or "",
                         thumbnail=result.get("thumbnail") or "")
+
+
+# ---------------------------------------------------------------- providers by name
+
+PROVIDERS: dict[str, Callable[[], SearchProvider]] = {"ddgs": DDGSProvider}  # source name -> factory
+DEFAULT_SOURCE = "ddgs"  # no API key, any subject; its license filter is coarse
+
+
+def make_provider(source: str = DEFAULT_SOURCE) -> SearchProvider:
+    """The provider registered as source; SearchError with the valid names for an unknown one."""
+    factory = PROVIDERS.get(source)
+    if factory is None:
+        raise SearchError(f"unknown image source {source[:200]!r}; valid: {', '.join(PROVIDERS)}")
+    return factory()
 
 
 # ---------------------------------------------------------------- cache
@@ -144,6 +169,19 @@ class SearchPacing:
     retries: int = 4           # extra tries after a rate-limited or timed-out call; then give up politely
     backoff: float = 2.0       # base seconds, doubled each retry: 2, 4, 8, 16 (times jitter)
     max_backoff: float = 30.0  # a longer wait is better spent telling the user to come back later
+
+
+class Pacer:
+    """Spaces the live calls of one search by a pause: the first goes at once, each later one
+    waits, whichever category it is for. Cached answers call nothing, so they wait for nothing."""
+
+    def __init__(self, pause: float, sleep: Callable[[float], None] = time.sleep):
+        self.pause, self.sleep, self.live_calls = pause, sleep, 0
+
+    def before_live_call(self) -> None:
+        if self.live_calls:
+            self.sleep(self.pause)
+        self.live_calls += 1
 
 
 @dataclass(frozen=True)
@@ -194,29 +232,28 @@ def search_category(
     sleep: Callable[[float], None] = time.sleep,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    pacer: Pacer | None = None,
 ) -> SearchReport:
     """Run the query variants of one category until per_category unique image URLs are found.
 
     Every live call but the first waits pacing.pause; a caller searching several categories
-    should sleep(pacing.pause) between them. When the engine stays rate limited after all
-    retries, the remaining queries are skipped and the hits found so far are returned.
-    on_progress(done, total) counts queries.
+    passes them one pacer, so the pause also falls between categories, and only before a live
+    call. When the engine stays rate limited after all retries, the remaining queries are
+    skipped and the hits found so far are returned. on_progress(done, total) counts queries.
     """
+    pacer = pacer or Pacer(pacing.pause, sleep)
     queries = query_variants(category, extra_terms)
     hits: dict[str, ImageHit] = {}
     ran: list[str] = []
     errors: list[str] = []
     rate_limited = False
-    live_calls = 0
     for done, query in enumerate(queries, start=1):
         if len(hits) >= per_category or (should_stop and should_stop()):
             break
         ran.append(query)
         found = cache.get(provider.name, query, per_category) if cache else None
         if found is None:
-            if live_calls:
-                sleep(pacing.pause)
-            live_calls += 1
+            pacer.before_live_call()
             try:
                 found = _search_with_backoff(provider, query, per_category, pacing, sleep)
             except RateLimited as exc:

@@ -1,0 +1,271 @@
+"""Web image search of a project, written once: `nanostream images search`, the worker's search
+job and the Images page all go through search_project and read its SearchSummary.
+
+Category by category: the query variants (its name, its search terms, the caller's extra
+terms), the hits downloaded and the new ones stored with their provenance. One Pacer spaces
+every live call of the run, within and between categories, and one QueryCache
+(NANOSTREAM_HOME/search-cache) answers a repeated query without calling the engine. When the
+engine stays rate limited, the categories after it are not searched: what was found stays, and
+the summary says where it stopped.
+
+The provider is search.make_provider()'s unless NANOSTREAM_SEARCH_PROVIDER names a factory
+("module:function", called with no arguments) that returns another SearchProvider: tests use
+it to search a local stand-in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .. import paths
+from ..store.records import StoreError
+
+# The sources are imported where they are used: every CLI command imports this module (for its
+# defaults), and most need no HTTP stack.
+if TYPE_CHECKING:
+    from ..sources.search import Pacer, QueryCache, SearchPacing, SearchProvider
+    from ..store.db import Store
+
+PROVIDER_ENV = "NANOSTREAM_SEARCH_PROVIDER"
+DEFAULT_PER_CATEGORY = 30  # enough for a first model (a few-shot head needs ~10); the user can search again
+ONLINE_TIMEOUT_S = 5.0     # a reachable engine accepts in well under a second
+STOPPED = "not searched: the search was stopped"
+REMOVED = "not searched: the category was removed during the search"
+
+
+class SearchUnavailable(Exception):
+    """The search cannot start (a provider that does not load, no internet); the message says why."""
+
+
+class NothingToSearch(SearchUnavailable):
+    """The project has no categories to search."""
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class Duplicate:
+    url: str
+    image_id: int   # the image already in the project
+    category: str   # where that image is: possibly another category
+
+
+@dataclass(frozen=True)
+class FailedDownload:
+    url: str
+    reason: str     # in words, from download.fetch_images or the store
+
+
+@dataclass(frozen=True)
+class CategorySearch:
+    name: str
+    searched: bool = True                    # False: skipped (rate limited before it, stopped, removed)
+    found: int = 0                           # unique hits the search returned
+    added: tuple[int, ...] = ()              # ids of the new images
+    duplicates: tuple[Duplicate, ...] = ()   # downloaded, but already in the project
+    failed: tuple[FailedDownload, ...] = ()  # hits that gave no image
+    errors: tuple[str, ...] = ()             # messages for the user
+    queries: tuple[str, ...] = ()            # the queries run, cached ones included
+    rate_limited: bool = False               # the engine asked us to slow down during this category
+
+    def to_dict(self) -> dict:
+        return {"searched": self.searched, "found": self.found, "added": list(self.added),
+                "duplicates": [asdict(d) for d in self.duplicates], "failed": [asdict(f) for f in self.failed],
+                "errors": list(self.errors), "queries": list(self.queries), "rate_limited": self.rate_limited}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping) -> CategorySearch:
+        return cls(name, bool(data["searched"]), int(data["found"]), tuple(data["added"]),
+                   tuple(Duplicate(**d) for d in data["duplicates"]),
+                   tuple(FailedDownload(**f) for f in data["failed"]),
+                   tuple(data["errors"]), tuple(data["queries"]), bool(data["rate_limited"]))
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    project: str
+    categories: tuple[CategorySearch, ...]  # in the project's order
+    counts: Mapping[str, int]               # images per category once the search ended
+    stopped_by: str | None = None           # the category the engine rate limited; later ones were skipped
+    cancelled: bool = False                 # should_stop() ended the search early
+
+    @property
+    def added(self) -> int:
+        return sum(len(c.added) for c in self.categories)
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.stopped_by is not None
+
+    def to_dict(self) -> dict:
+        """JSON for `images search --json` and the job's result; keys are only ever added. "order"
+        keeps the categories' order, which a JSON object need not (the store sorts its keys)."""
+        return {"project": self.project, "categories": {c.name: c.to_dict() for c in self.categories},
+                "counts": dict(self.counts), "added": self.added, "rate_limited": self.rate_limited,
+                "stopped_by": self.stopped_by, "cancelled": self.cancelled,
+                "order": [c.name for c in self.categories]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> SearchSummary:
+        """The summary to_dict wrote; ValueError for anything else."""
+        try:
+            if sorted(data["order"]) != sorted(data["categories"]):
+                raise ValueError("its order does not name its categories")
+            return cls(data["project"],
+                       tuple(CategorySearch.from_dict(name, data["categories"][name]) for name in data["order"]),
+                       dict(data["counts"]), data["stopped_by"], bool(data["cancelled"]))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"not a search summary ({type(exc).__name__}: {exc})") from None
+
+
+def read_summary(result: Mapping | None) -> SearchSummary | None:
+    """A search job's stored summary; None when it has none (stopped before it began) or one
+    written by an older NanoStream, so a page never breaks on an old job."""
+    try:
+        return SearchSummary.from_dict(result)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- provider
+
+def load_provider() -> SearchProvider:
+    """NANOSTREAM_SEARCH_PROVIDER's factory if set, else the default source's provider."""
+    from ..sources.search import make_provider
+
+    spec = os.environ.get(PROVIDER_ENV, "").strip()
+    if not spec:
+        return make_provider()
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name or "provider")
+    except (ImportError, AttributeError, ValueError) as exc:  # ValueError: an empty module name
+        raise SearchUnavailable(f"{PROVIDER_ENV}={spec[:200]!r} is not an importable 'module:factory' "
+                                f"({exc})") from None
+    return factory()
+
+
+def check_online(provider: SearchProvider) -> None:
+    """Fail at once when the provider's engine cannot be reached: otherwise every query would
+    wait out its retries before saying the same thing less clearly."""
+    reach = getattr(provider, "reach", None)
+    if reach is None:  # a stand-in (tests): nothing to reach
+        return
+    try:
+        socket.create_connection(reach, timeout=ONLINE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SearchUnavailable(f"You seem to be offline: the image search ({reach[0]}) cannot be reached "
+                                f"({exc.strerror or exc}). Upload or add photos you have instead, or "
+                                f"search again later.") from None
+
+
+# ---------------------------------------------------------------- the search
+
+Progress = Callable[[str, int, int], None]
+
+
+def search_project(
+    store: Store,
+    project: str,
+    categories: Sequence[str] | None = None,
+    per_category: int = DEFAULT_PER_CATEGORY,
+    terms: str = "",
+    provider: SearchProvider | None = None,
+    on_progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_category: Callable[[SearchSummary], None] | None = None,
+) -> SearchSummary:
+    """Search the web for the images of some categories (all when None), download them and add
+    the new ones, category by category.
+
+    terms: comma-separated extra query variants for every category, after its own search terms.
+    on_progress(stage, done, total) for stages "search NAME" (queries) and "download NAME".
+    should_stop() is checked between queries and downloads: what was stored stays.
+    on_category(the summary so far) after each category, for a page showing partial results.
+    Raises StoreError for an unknown project or category, NothingToSearch, SearchUnavailable.
+    """
+    from ..sources.search import Pacer, QueryCache, SearchPacing
+
+    project = store.get_project(project).name
+    names = _categories_to_search(store, project, categories)
+    if not names:
+        raise NothingToSearch(f"project '{project}' has no categories to search")
+    provider = provider or load_provider()
+    check_online(provider)
+    pacing = getattr(provider, "pacing", None) or SearchPacing()
+    run = _Run(store, project, per_category, terms, provider, pacing, Pacer(pacing.pause),
+               QueryCache(paths.home() / "search-cache"), on_progress, should_stop)
+    done: list[CategorySearch] = []
+    stopped_by = None
+    for name in names:
+        if stopped_by is not None:
+            done.append(CategorySearch(name, searched=False, errors=(
+                f"not searched: the search engine asked us to slow down while searching '{stopped_by}'; "
+                f"search again in a few minutes",)))
+        elif should_stop and should_stop():
+            done.append(CategorySearch(name, searched=False, errors=(STOPPED,)))
+        else:
+            done.append(run.category(name))
+            if done[-1].rate_limited:
+                stopped_by = name
+        if on_category:
+            on_category(SearchSummary(project, tuple(done), store.counts(project), stopped_by))
+    return SearchSummary(project, tuple(done), store.counts(project), stopped_by,
+                         cancelled=bool(should_stop and should_stop()))
+
+
+def _categories_to_search(store: Store, project: str, categories: Sequence[str] | None) -> list[str]:
+    """The categories to search in the project's order, each once, by their stored names."""
+    known = [c.name for c in store.list_categories(project)]
+    if categories is None:
+        return known
+    wanted = {store.get_category(project, name).name for name in categories}
+    return [name for name in known if name in wanted]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every category of one search shares: one pacer and one cache for the whole run."""
+    store: Store
+    project: str
+    per_category: int
+    terms: str
+    provider: SearchProvider
+    pacing: SearchPacing
+    pacer: Pacer
+    cache: QueryCache
+    on_progress: Progress | None
+    should_stop: Callable[[], bool] | None
+
+    def stage(self, stage: str) -> Callable[[int, int], None] | None:
+        if self.on_progress is None:
+            return None
+        return lambda done, total: self.on_progress(stage, done, total)
+
+    def category(self, name: str) -> CategorySearch:
+        from ..sources import download
+        from ..sources.ingest import add_search_hits
+        from ..sources.search import search_category
+
+        try:
+            category = self.store.get_category(self.project, name)
+        except StoreError:
+            return CategorySearch(name, searched=False, errors=(REMOVED,))
+        extra = ",".join(t for t in (category.search_terms, self.terms) if t.strip())
+        report = search_category(name, self.provider, self.per_category, extra, self.pacing, self.cache,
+                                 on_progress=self.stage(f"search {name}"), should_stop=self.should_stop,
+                                 pacer=self.pacer)
+        fetched = download.fetch_images([hit.url for hit in report.hits], on_progress=self.stage(f"download {name}"),
+                                        should_stop=self.should_stop)
+        stored = add_search_hits(self.store, self.project, name, report.hits, fetched)
+        return CategorySearch(
+            name, found=len(report.hits), added=tuple(stored["added"]),
+            duplicates=tuple(Duplicate(**d) for d in stored["duplicates"]),
+            # "cancelled": never tried, because the user stopped the search; not a failure
+            failed=tuple(FailedDownload(**f) for f in stored["failed"] if f["reason"] != "cancelled"),
+            errors=report.errors, queries=report.queries, rate_limited=report.rate_limited)
