@@ -10,7 +10,10 @@ requirements="$1"
 # this checkout (the editable install points at it).
 key=$( { cat requirements.txt "$requirements" pyproject.toml; python -VV; pwd; } | sha256sum | cut -c1-16)
 stamp="$(python -c 'import sys; print(sys.prefix)')/.nanostream-installed-$key"
-if [ -f "$stamp" ] && python -c "import nanostream, torch, torchvision, streamlit" 2>/dev/null; then
+# The stamp is not enough: another checkout's install may have moved the editable link since.
+here="$PWD/nanostream"
+if [ -f "$stamp" ] && (cd / && python -c "import sys, torch, torchvision, streamlit, nanostream
+sys.exit(nanostream.__path__[0] != sys.argv[1])" "$here") 2>/dev/null; then
   exit 0
 fi
 echo "installing NanoStream and $requirements (once; later launches skip this) ..." >&2

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -6,13 +8,30 @@ from pathlib import Path
 
 import pytest
 
+from nanostream.cli.main import main
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(*args, check=True):
+def run_process(*args, check=True):
     """The CLI as a user runs it: a fresh process, exit status and both streams."""
     proc = subprocess.run([sys.executable, "-m", "nanostream", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def run(*args, check=True):
+    """The CLI's main() in this process, with its exit status and both streams: what a fresh
+    process gives (run_process shows it for one command below), without a torch start per call."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # a command that ends with sys.exit(2)
+            code = exc.code
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -98,7 +117,7 @@ def test_a_file_that_is_not_an_image_is_one_clear_line(trained, tiny_hymenoptera
     model_id = trained[0]["model_id"]
     page = tmp_path / "page.jpg"  # what a search result often is: the web page around the photo
     page.write_text("<!DOCTYPE html>\n<html><body>This image is no longer available</body></html>")
-    alone = run("predict", model_id, page, check=False)
+    alone = run_process("predict", model_id, page, check=False)  # the real entry point, once
     assert (alone.returncode, alone.stdout, alone.stderr) == (2, "", f"error: {page}: not an image (HTML)\n")
     photo = sorted((tiny_hymenoptera / "val" / "ants").iterdir())[0]
     mixed = run("predict", model_id, photo, page, check=False)  # one good input: the others are reported, exit 0

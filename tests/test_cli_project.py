@@ -17,8 +17,9 @@ import pytest
 from nanostream import paths
 from nanostream.cli.main import main
 from nanostream.engine.data import scan_folder
-from nanostream.sources.search import ImageHit, RateLimited, SearchPacing
+from nanostream.sources.search import ImageHit, RateLimited
 from nanostream.store.db import Store
+from search_stand_in import SPEC, StandIn
 
 # ---------------------------------------------------------------- helpers
 
@@ -203,34 +204,11 @@ def test_images_add_skips_a_named_pipe_instead_of_hanging(capsys, home, datasets
 
 # ---------------------------------------------------------------- images search
 
-class StandInProvider:
-    """Answers each query with the script's hits for the category the query starts with."""
-
-    pacing = SearchPacing(pause=0.0, retries=0)  # a local stand-in needs no politeness
-    script: dict[str, list[ImageHit] | Exception] = {}
-    queries: list[str] = []
-    name = "stand-in"
-
-    def images(self, query: str, max_results: int) -> list[ImageHit]:
-        StandInProvider.queries.append(query)
-        category = next(c for c in self.script if query == c or query.startswith(c + " "))
-        answer = self.script[category]
-        if isinstance(answer, Exception):
-            raise answer
-        return [ImageHit(h.url, h.page_url, h.title, query, h.width, h.height, h.source, h.license)
-                for h in answer[:max_results]]
-
-
-def stand_in_provider() -> StandInProvider:
-    return StandInProvider()
-
-
 @pytest.fixture
 def search_env(home, monkeypatch, httpserver):
-    monkeypatch.setenv("NANOSTREAM_SEARCH_PROVIDER", f"{__name__}:stand_in_provider")
+    monkeypatch.setenv("NANOSTREAM_SEARCH_PROVIDER", SPEC)
     monkeypatch.setenv("NANOSTREAM_ALLOW_PRIVATE_HOSTS", "1")
-    StandInProvider.queries = []
-    StandInProvider.script = {}
+    StandIn.queries, StandIn.script, StandIn.on_query = [], {}, None
     return httpserver
 
 
@@ -243,7 +221,7 @@ def test_images_search_downloads_stores_provenance_and_caches(capsys, search_env
     server = search_env
     ants, bees = photos(datasets, "ants", 3), photos(datasets, "bees", 3)
     server.expect_request("/broken.jpg").respond_with_data("<html>", content_type="text/html")
-    StandInProvider.script = {
+    StandIn.script = {
         "ants": [serve(server, f"/ant{i}.jpg", p) for i, p in enumerate(ants)]
         + [serve(server, "/ant0-again.jpg", ants[0])],  # same picture at another URL
         "bees": [serve(server, f"/bee{i}.jpg", p) for i, p in enumerate(bees)]
@@ -271,15 +249,15 @@ def test_images_search_downloads_stores_provenance_and_caches(capsys, search_env
     assert first.page_url == "https://example.org/page/ant0.jpg" and first.width > 0
 
     # again: every query comes from the cache, and nothing new is added
-    StandInProvider.queries = []
+    StandIn.queries = []
     again = ok(capsys, "images", "search", "insects", "--per-category", "10", "--terms", "macro", "--json")
-    assert StandInProvider.queries == []
+    assert StandIn.queries == []
     assert again["added"] == 0 and again["counts"] == {"ants": 3, "bees": 3}
 
 
 def test_images_search_rate_limited_midway_keeps_what_was_found(capsys, search_env, datasets):
     server = search_env
-    StandInProvider.script = {
+    StandIn.script = {
         "ants": [serve(server, f"/ant{i}.jpg", p) for i, p in enumerate(photos(datasets, "ants", 2))],
         "bees": RateLimited("429 Too Many Requests"),
         "wasps": [serve(server, "/wasp.jpg", photos(datasets, "bees", 1)[0])],
@@ -289,7 +267,7 @@ def test_images_search_rate_limited_midway_keeps_what_was_found(capsys, search_e
     assert code == 0, err
     assert report["rate_limited"] and report["counts"] == {"ants": 2, "bees": 0, "wasps": 0}
     assert report["categories"]["bees"]["rate_limited"] and not report["categories"]["wasps"]["searched"]
-    assert not any(q.startswith("wasps") for q in StandInProvider.queries)  # no more calls once refused
+    assert not any(q.startswith("wasps") for q in StandIn.queries)  # no more calls once refused
     assert "rate limited while searching 'bees': kept every image found so far; not searched: wasps" in out
 
 

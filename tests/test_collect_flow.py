@@ -15,40 +15,16 @@ from nanostream.cli.main import main
 from nanostream.flows.collect import (
     PROVIDER_ENV, CategorySearch, Duplicate, FailedDownload, SearchSummary, read_summary, search_project,
 )
-from nanostream.sources.search import ImageHit, RateLimited, SearchPacing
+from nanostream.sources.search import ImageHit, RateLimited
 from nanostream.store.db import Store
-
-
-class StandIn:
-    """Answers each query with the script's hits for the category it starts with (as in
-    test_cli_project); on_query(query) runs first, for a test that acts mid-search."""
-
-    name = "collect-stand-in"
-    pacing = SearchPacing(pause=0.0, retries=0)  # a local stand-in needs no politeness
-    script: dict[str, list[ImageHit] | Exception] = {}
-    queries: list[str] = []
-    on_query = None
-
-    def images(self, query: str, max_results: int) -> list[ImageHit]:
-        StandIn.queries.append(query)
-        if StandIn.on_query:
-            StandIn.on_query(query)
-        answer = self.script[next(c for c in self.script if query == c or query.startswith(c + " "))]
-        if isinstance(answer, Exception):
-            raise answer
-        return [ImageHit(h.url, h.page_url, h.title, query, h.width, h.height, h.source, h.license)
-                for h in answer[:max_results]]
-
-
-def stand_in() -> StandIn:
-    return StandIn()
+from search_stand_in import SPEC, StandIn
 
 
 @pytest.fixture
 def web(monkeypatch, httpserver, datasets):
     """The stand-in's script: ants (4 hits, one a copy of another), bees (2 and one broken page),
     wasps (rate limited), flies (never asked)."""
-    monkeypatch.setenv(PROVIDER_ENV, f"{__name__}:stand_in")
+    monkeypatch.setenv(PROVIDER_ENV, SPEC)
     monkeypatch.setenv("NANOSTREAM_ALLOW_PRIVATE_HOSTS", "1")  # the image server is on 127.0.0.1
     photos = {cls: sorted((datasets / "hymenoptera" / "train" / cls).glob("*.jpg")) for cls in ("ants", "bees")}
 

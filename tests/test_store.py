@@ -456,6 +456,6 @@ def test_images_and_export_read_back_by_scan_folder(store, tmp_path):
     assert dataset.classes == ("ants", "bees")
     assert sorted(item.label for item in dataset.train) == ["ants"] * 3 + ["bees"] * 2
     exported = {item.path.stem for item in dataset.train}
-    assert exported == {item.path.stem for item in labeled}
+    assert exported == {r.content_hash for r in records}  # each file named by its content
     # the blob store itself is never mistaken for DATA folders by scan_folder: no visible temp files
     assert all(p.suffix == ".jpg" for p in visible_files(store.blob_dir))
