@@ -187,6 +187,7 @@ def _warm() -> None:
     from .engine import train  # noqa: F401 - imported for its import cost (timm, the engine)
     from .engine.backbones import BackboneUnavailable, available_backbones, get_spec
     from .engine.device import default_device, precision
+    from .engine.head import cross_val_accuracy
     from .engine.inference import inference_backbone
 
     device = default_device()
@@ -199,6 +200,9 @@ def _warm() -> None:
         size = get_spec(name).input_size
         with torch.inference_mode():  # oneDNN creates its kernels for a shape on the first pass
             network(torch.zeros(8, 3, size, size, device=device))
+    # torch.optim's first step imports torch._dynamo (~1.9 s): pay it here, not in the build's head fit.
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
+    cross_val_accuracy(x, y, 2)
 
 
 def _wait_for_job(folder: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +65,26 @@ def _fit_linear(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tens
     feature workers run. The gradient is written out (softmax minus one-hot, weighted), a quarter
     less time than autograd's.
     """
+    with _one_thread():
+        return _lbfgs(z, target, sample_weight, weight_decay)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """These problems are a few MB: a second intra-op thread costs more in handing work over than it
+    saves (cross-validating 24 photos' features: 27 ms on one thread, 63 ms on two), and on a busy
+    2-core machine each of L-BFGS's many small parallel regions waits for the other core: 9 s
+    instead of 0.2 s was seen in a worker beside a process polling the store."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lbfgs(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
+           weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
     problems, _, dim = z.shape
     weight = torch.zeros(problems, target.shape[1], dim)
     bias = torch.zeros(problems, 1, target.shape[1])
