@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-START_S = 60  # streamlit serving its health endpoint on two busy CPU cores
+from streamlit_app import REPO, free_port, start_app
+
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket (include/net/tcp_states.h)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _socket_inodes(pid: int) -> set[str]:
@@ -67,24 +57,9 @@ def test_address_parsing_matches_the_kernel_for_sockets_of_our_own():
 
 def test_the_readme_command_starts_an_app_that_listens_on_127_0_0_1_only(tmp_path):
     assert "python -m streamlit run app.py" in (REPO / "scripts" / "start.sh").read_text()  # what start.sh runs
-    port = _free_port()
-    env = {**os.environ, "NANOSTREAM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
-    log_path = tmp_path / "streamlit.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port)],
-                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    server = start_app(tmp_path / "home", tmp_path / "streamlit.log", port)
     try:
-        deadline = time.monotonic() + START_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"streamlit did not answer in {START_S} s: {log_path.read_text()}"
-            time.sleep(0.25)  # polling the endpoint, not waiting for work
         listening = listening_addresses(server.pid)
         assert listening == [("127.0.0.1", port)], listening
     finally:

@@ -9,55 +9,29 @@ in a fresh browser context and get a prediction. Screenshots go to NANOSTREAM_SC
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from streamlit_app import free_port, start_app
 
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-START_S = 60          # streamlit serving its health endpoint
 PAGE_S = 60_000       # ms: a page with its first torch import
 BUILD_S = 600_000     # ms: a cold build on two CPU cores (three backbones tried)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def app_url(tmp_path):
     """A real `streamlit run app.py` with its own NANOSTREAM_HOME; stopped (with its workers) after."""
-    port = _free_port()
-    env = {**os.environ, "NANOSTREAM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
-    log = open(tmp_path / "streamlit.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-                               "--server.port", str(port), "--server.address", "127.0.0.1"],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    server = start_app(tmp_path / "home", tmp_path / "streamlit.log", port,
+                       "--server.headless", "true", "--server.address", "127.0.0.1")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_S
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert server.poll() is None, (tmp_path / "streamlit.log").read_text()
-        assert time.monotonic() < deadline, f"streamlit did not start in {START_S} s"
-        time.sleep(0.25)
     yield url
     server.terminate()
     server.wait(timeout=30)
-    log.close()
     _stop_workers(tmp_path / "home")
 
 
