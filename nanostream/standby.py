@@ -3,8 +3,8 @@ waiting for the app's next job.
 
 A new worker process spends ~2.5-3 s importing torch, timm and the engine and ~0.5 s more loading
 the prepared backbones and creating oneDNN's kernels; a rebuild's own work is ~1 s. So the app
-keeps one worker warm: `warm_up` starts it (at app start, and again whenever the previous
-one took a job and finished it), and `hand_over` gives it a job id on its stdin. It then runs the
+keeps one worker warm: `warm_up` starts it (at app start, and again once the job the previous
+one took has ended: jobs.reap), and `hand_over` gives it a job id on its stdin. It then runs the
 job exactly as a fresh worker does (worker.py), writing to the job's log, and exits: one job
 per process, so a crash or a leak never outlives its job. This module only manages that process.
 

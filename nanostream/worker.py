@@ -1,6 +1,7 @@
-"""A job's worker: what each kind of job does (run_job), and the entry point of its process:
-`python -m nanostream.worker JOB_ID --root STORE` runs one job and exits; `--standby FOLDER` first warms up, then waits on stdin for
-the job id the app hands it (standby.py), and runs that one job the same way.
+"""A job's worker: what each kind of job does (run_job), and the entry point of its process.
+`python -m nanostream.worker JOB_ID --root STORE` runs one job and exits; `--standby FOLDER` first
+warms up, then waits on stdin for the job id the app hands it (standby.py), and runs that one job
+the same way.
 
 Process-wide settings are made here, in the process that needs them, never on import: the
 Streamlit server, the API and the tests import the engine without them.
@@ -23,7 +24,6 @@ from . import jobs, standby
 from .process import keep_freed_memory
 from .store.db import Store
 from .store.records import Job, StoreError
-
 
 
 class JobFailed(Exception):

@@ -5,7 +5,9 @@ Missing datasets make the tests that use it fail (an assertion), never skip.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -58,3 +60,25 @@ def copy_as(model: TinyModel, models_dir: Path, model_id: str) -> Path:
 
     meta, tensors = read_bundle(model.path)
     return save_bundle(models_dir / f"{model_id}.safetensors", {**meta, "model_id": model_id}, tensors)
+
+
+@contextlib.contextmanager
+def serving_home(home: Path, private: tuple[str, ...] = (), public: tuple[str, ...] = ()):
+    """NANOSTREAM_HOME=home for the block, with the tiny model registered under each id and the
+    `public` ones published (as `nanostream publish` does). Yields the model."""
+    import pytest
+
+    from nanostream.cli import main as cli
+
+    model = tiny_model()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NANOSTREAM_HOME", str(home))
+        (home / "models").mkdir()
+        for model_id in private + public:
+            copy_as(model, home / "models", model_id)
+        for model_id in public:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                assert cli.main(["publish", model_id]) == 0
+            assert out.getvalue().splitlines()[-1] == f"/demo?model={model_id}"
+        yield model

@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model_fixture import TinyModel, copy_as, tiny_model
+from model_fixture import TinyModel, serving_home
 from nanostream.cli import main as cli
 from nanostream.store import keys
 from nanostream.api.app import create_app
@@ -50,17 +50,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(datasets, tmp_path_factory):
     """A NANOSTREAM_HOME of its own: one private and one published copy of the model, two keys."""
-    model = tiny_model()
     home = tmp_path_factory.mktemp("api-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NANOSTREAM_HOME", str(home))
-        (home / "models").mkdir()
-        copy_as(model, home / "models", PRIVATE)
-        copy_as(model, home / "models", PUBLIC)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert cli.main(["publish", PUBLIC]) == 0
-        assert out.getvalue().splitlines()[-1] == f"/demo?model={PUBLIC}"
+    with serving_home(home, private=(PRIVATE,), public=(PUBLIC,)) as model:
         _, key = keys.create_key("tests")
         _, revoked = keys.create_key("old")
         keys.revoke_key("old")

@@ -7,7 +7,6 @@ Every server is a raw socket on 127.0.0.1 (test_download's raw_server), never th
 from __future__ import annotations
 
 import contextlib
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from model_fixture import copy_as, tiny_model
-from nanostream.cli import main as cli
+from model_fixture import serving_home
 from nanostream.sources import addresses
 from nanostream.api.app import create_app
 from nanostream.api.service import ServeConfig
@@ -31,14 +29,7 @@ BACKSLASH = "refused: URL contains a backslash, space or control character"
 @pytest.fixture(scope="module")
 def model(datasets, tmp_path_factory):
     """A NANOSTREAM_HOME of its own with one published copy of the tiny model."""
-    tiny = tiny_model()
-    home = tmp_path_factory.mktemp("api-fetch-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NANOSTREAM_HOME", str(home))
-        (home / "models").mkdir()
-        copy_as(tiny, home / "models", PUBLIC)
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert cli.main(["publish", PUBLIC]) == 0
+    with serving_home(tmp_path_factory.mktemp("api-fetch-home"), public=(PUBLIC,)) as tiny:
         yield tiny
 
 

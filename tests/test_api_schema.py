@@ -7,8 +7,6 @@ does, bounded by --max-examples and a fixed seed, with the repository's schemath
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -24,8 +22,7 @@ import httpx
 import pytest
 import uvicorn
 
-from model_fixture import copy_as, tiny_model
-from nanostream.cli import main as cli
+from model_fixture import serving_home
 from nanostream.store import keys
 from nanostream.api.app import create_app
 
@@ -44,15 +41,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(datasets, tmp_path_factory):
     """A NANOSTREAM_HOME of its own with both models warm, served on a free local port."""
-    model = tiny_model()
     home = tmp_path_factory.mktemp("schema-home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NANOSTREAM_HOME", str(home))
-        (home / "models").mkdir()
-        copy_as(model, home / "models", PRIVATE)
-        copy_as(model, home / "models", PUBLIC)
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert cli.main(["publish", PUBLIC]) == 0
+    with serving_home(home, private=(PRIVATE,), public=(PUBLIC,)) as model:
         _, key = keys.create_key("schemathesis")
         uv = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=0, log_level="warning"))
         thread = threading.Thread(target=uv.run, name="uvicorn", daemon=True)
