@@ -116,18 +116,33 @@ def stratified_folds(y: torch.Tensor, n_folds: int, seed: int) -> list[torch.Ten
     return [torch.tensor(sorted(f), dtype=torch.long) for f in folds if f]
 
 
-def cross_val_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0, max_folds: int = 5) -> float:
-    """Stratified K-fold accuracy of fit_head's model; the folds are fitted together (_fit_linear)."""
-    n_folds = max(2, min(max_folds, int(torch.bincount(y).min())))
-    folds = stratified_folds(y, n_folds, seed)
+def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0,
+                       max_folds: int = 5, repeats: int = 1) -> torch.Tensor:
+    """(repeats, N, C) logits of fit_head's model for every photo from a fit that never saw it:
+    stratified K-fold, repeated with different folds (seed, seed + 1, ...). All the folds of all
+    the repeats are fitted together (_fit_linear)."""
+    n_folds = max(2, min(max_folds, int(torch.bincount(y, minlength=n_classes).min())))
+    splits = [stratified_folds(y, n_folds, seed + r) for r in range(repeats)]
     x = x.float()
-    fit_rows = torch.ones(len(folds), len(y), dtype=torch.bool)
-    for f, held in enumerate(folds):
-        fit_rows[f, held] = False
+    fit_rows = torch.ones(sum(len(f) for f in splits), len(y), dtype=torch.bool)
+    held_out = [held for folds in splits for held in folds]
+    for p, held in enumerate(held_out):
+        fit_rows[p, held] = False
     z = torch.stack([(x - x[rows].mean(0)) / (x[rows].std(0, unbiased=False) + 1e-6) for rows in fit_rows])
     sample_weight = torch.stack([_balanced(y, n_classes, rows) for rows in fit_rows])
     weight, bias = _fit_linear(z, F.one_hot(y, n_classes).float(), sample_weight, WEIGHT_DECAY)
     with torch.no_grad():
-        predicted = torch.baddbmm(bias, z, weight.transpose(1, 2)).argmax(2)  # (folds, N)
-    correct = sum(int((predicted[f, held] == y[held]).sum()) for f, held in enumerate(folds))
-    return correct / len(y)
+        logits = torch.baddbmm(bias, z, weight.transpose(1, 2))  # (problems, N, C)
+    out = torch.empty(repeats, len(y), n_classes)
+    p = 0
+    for r, folds in enumerate(splits):
+        for held in folds:
+            out[r, held] = logits[p, held]
+            p += 1
+    return out
+
+
+def cross_val_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0, max_folds: int = 5) -> float:
+    """Stratified K-fold accuracy of fit_head's model; the folds are fitted together (_fit_linear)."""
+    predicted = out_of_fold_logits(x, y, n_classes, seed, max_folds)[0].argmax(1)
+    return int((predicted == y).sum()) / len(y)
