@@ -1,20 +1,23 @@
 """NanoStream: a few category names and a few photos -> an image classifier, in the browser.
 
 Run `streamlit run app.py`. This file holds the navigation and the shared sidebar only; each
-step is a page in pages/. NANOSTREAM_DEMO_ONLY=1 serves the demo page alone, for an app
-that faces the public (every other page edits projects, and the app has no login).
+step is a page in pages/. Who may edit is nanostream.access.decide's answer: with Streamlit's
+[auth] section in .streamlit/secrets.toml, signed-in editors (NANOSTREAM_EDITORS); without it,
+this computer only. Everyone else gets the demo pages and a page that says why (and offers
+sign-in). NANOSTREAM_DEMO_ONLY=1 serves the demo page alone, to everyone.
 """
 
 import os
 
 import streamlit as st
 
-from nanostream import jobs, ui
+from nanostream import access, jobs, ui
 from nanostream.flows.sample import ensure_sample_project
 
 st.set_page_config(page_title="NanoStream", page_icon=":material/neurology:", layout="wide")
 
 DEMO = st.Page("pages/demo.py", title="Demo", icon=":material/play_circle:", url_path="demo", visibility="hidden")
+WELCOME = st.Page("pages/welcome.py", title="NanoStream", icon=":material/login:", url_path="welcome", default=True)
 STEPS = [
     st.Page("pages/projects.py", title="Projects", icon=":material/folder_open:", url_path="projects", default=True),
     st.Page("pages/categories.py", title="Categories", icon=":material/label:", url_path="categories"),
@@ -33,6 +36,29 @@ def _app_ready(root: str) -> bool:
     ensure_sample_project(store)
     jobs.warm_up(store)
     return True
+
+
+def auth_configured() -> bool:
+    """Streamlit's [auth] section is in secrets.toml: sign-in is on."""
+    try:
+        return "auth" in st.secrets
+    except FileNotFoundError:  # no secrets.toml at all (Streamlit's StreamlitSecretNotFoundError)
+        return False
+
+
+@st.cache_resource
+def _announce(notice: str) -> None:
+    """Say once per app process (and again if it changes) who may edit, where the app was started."""
+    print(notice, flush=True)
+
+
+def account_ui(signed_in: bool) -> None:
+    """The sidebar's line on who is editing: the account and its sign-out, or this computer only."""
+    if signed_in:
+        st.sidebar.caption(f"Signed in as {st.user.get('email') or st.user.get('name') or 'you'}")
+        st.sidebar.button("Sign out", on_click=st.logout, key="app_sign_out", icon=":material/logout:")
+    else:
+        st.sidebar.caption("No sign-in configured: this app can be edited from this computer only.")
 
 
 def project_picker_ui(store) -> None:
@@ -62,9 +88,18 @@ if os.environ.get("NANOSTREAM_DEMO_ONLY") == "1":
     st.navigation([DEMO], position="hidden").run()
     st.stop()
 
+auth, editors = auth_configured(), access.Editors.from_env()
+_announce(access.startup_notice(auth, editors))
+visitor = access.visitor_from(st.user, st.context.ip_address, st.context.headers)
+st.session_state["app_access"] = decision = access.decide(visitor, auth, editors)
+if not decision.can_edit:  # nothing of the projects: the page that says why, and demo links
+    st.navigation([WELCOME, DEMO], position="hidden").run()
+    st.stop()
+
 _app_ready(str(ui.open_store().root))
 # A demo link (/demo?model=...) shows no navigation: the person holding it sees the model only.
 page = st.navigation({"NanoStream": [*STEPS, DEMO]}, position="hidden" if "model" in st.query_params else "sidebar")
 if page.url_path != "demo":
     project_picker_ui(ui.open_store())
+    account_ui(visitor.signed_in)
 page.run()

@@ -7,6 +7,9 @@ writes status, stage, progress, message, result and error there, refreshes the h
 it lives and checks store.cancel_requested between steps. So a refresh, a second tab or a
 restarted app finds the job where it is, and a worker that is killed is noticed by reap():
 its process is gone, or its heartbeat is older than STALE_AFTER_S.
+
+A build, search or ranking records its runner (runners/) when it starts: "ray" while
+NANOSTREAM_RAY_ADDRESS is set, and its worker then drives it as a task on that Ray cluster.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from . import paths, standby
+from . import paths, runners, standby
 from .flows.collect import DEFAULT_PER_CATEGORY as SEARCH_PER_CATEGORY
 from .store.db import Store
+from .store.licenses import DEFAULT_FILTER as DEFAULT_LICENSE_FILTER, LICENSE_FILTERS
 from .store.records import FINISHED, Job, StoreError
 
 HEARTBEAT_S = 2.0           # the worker refreshes updated_at this often while its process lives
@@ -79,6 +83,8 @@ def _start(store: Store, project: str, kind: str, params: dict) -> str:
     if running is not None:
         what = {"build": "A build", "search": "A web search", "urls": "A download", "rank": "A ranking"}[kind]
         raise JobError(f"{what} of project '{project}' is already running; wait for it or cancel it.")
+    if kind in runners.ON_CLUSTER:  # where it runs is decided now: the worker runs it there
+        params = {**params, "runner": runners.configured_runner()}
     job = store.create_job(project, kind, params)
     first = [j for j in store.list_jobs(project) if j.kind == kind and j.status not in FINISHED][-1]
     if first.id != job.id:  # another tab started one at the same moment: the earlier one stands
@@ -164,17 +170,21 @@ def build_time_hint(store: Store, photos: int) -> str:
 
 
 def start_search(store: Store, project: str, categories: Sequence[str] | None = None,
-                 per_category: int = SEARCH_PER_CATEGORY, terms: str = "") -> str:
+                 per_category: int = SEARCH_PER_CATEGORY, terms: str = "", source: str = "auto",
+                 license: str = DEFAULT_LICENSE_FILTER) -> str:
     """Search the web for images of some categories (all when None) and add them, in a worker
-    (flows.collect.search_project; terms: extra query variants for every category)."""
+    (flows.collect.search_project; terms: extra query variants for every category; source and
+    license: as `images search --source/--license`)."""
     known = [c.name for c in store.list_categories(project)]
     chosen = known if categories is None else [store.get_category(project, c).name for c in categories]
     if not chosen:
         raise JobError("Add a category first: the search looks for each category's name.")
     if per_category < 1:
         raise JobError("Ask for at least 1 image per category.")
+    if license not in LICENSE_FILTERS:
+        raise JobError(f"Choose a licence filter: {', '.join(LICENSE_FILTERS)}.")
     return _start(store, project, "search", {"categories": chosen, "per_category": int(per_category),
-                                             "terms": terms})
+                                             "terms": terms, "source": source, "license": license})
 
 
 def start_url_list(store: Store, project: str, category: str, text: str) -> str:

@@ -1,7 +1,8 @@
 """A job's worker: what each kind of job does (run_job), and the entry point of its process.
 `python -m nanostream.worker JOB_ID --root STORE` runs one job and exits; `--standby FOLDER` first
 warms up, then waits on stdin for the job id the app hands it (standby.py), and runs that one job
-the same way.
+the same way. A job started for the ray runner is driven from here as a Ray task (runners/cluster.py):
+this process keeps the store, the heartbeat and the cancel checks.
 
 Process-wide settings are made here, in the process that needs them, never on import: the
 Streamlit server, the API and the tests import the engine without them.
@@ -20,7 +21,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import jobs, standby
+from . import jobs, runners, standby
 from .process import keep_freed_memory
 from .store.db import Store
 from .store.records import Job, StoreError
@@ -85,7 +86,7 @@ def run_job(store: Store, job_id: str) -> Job | None:
     try:
         if work is None:
             raise JobFailed(f"unknown job kind '{job.kind}'; expected one of {', '.join(WORK)}")
-        result = work(store, job, reporter)
+        result = _run(store, job, reporter, work)
         if job.kind in ("search", "urls") and reporter.should_stop():  # stopped part-way: what it found stays
             final = dict(status="cancelled", stage="cancelled", result=result,
                          message="Stopped. The images found so far were kept.")
@@ -104,12 +105,24 @@ def run_job(store: Store, job_id: str) -> Job | None:
         return None  # the project (and its jobs) were deleted meanwhile
 
 
+def _run(store: Store, job: Job, reporter: _Reporter, work) -> dict:
+    """The job's work on the runner it was started for (runners/): here, or as a task on the Ray
+    cluster; its result says which, and where ("node": the Ray node, or this host's name)."""
+    if job.params.get("runner") == "ray" and job.kind in runners.ON_CLUSTER:
+        from .runners.cluster import run_job as run_on_cluster
+
+        return run_on_cluster(store, job.project, job.kind, job.params, work, reporter.progress,
+                              reporter.should_stop, job_id=job.id)
+    return {**work(store, job, reporter), "runner": "local", "node": runners.local_node()}
+
+
 def _user_message(exc: Exception, job: Job) -> str:
     """What the user reads: the message of a failure they can act on; a pointer to the log otherwise."""
     from .engine.backbones import BackboneUnavailable
     from .engine.data import DataError
+    from .runners.cluster import ClusterError
 
-    if isinstance(exc, (JobFailed, DataError, StoreError, OSError, BackboneUnavailable)):
+    if isinstance(exc, (JobFailed, DataError, StoreError, OSError, BackboneUnavailable, ClusterError)):
         return str(exc)
     what = {"build": "The build", "search": "The search", "urls": "The download", "rank": "Ranking"}.get(job.kind, "The job")
     return f"{what} failed unexpectedly ({type(exc).__name__}: {exc}). Details: {jobs.log_path(job.id)}"
@@ -121,11 +134,17 @@ def _build(store: Store, job: Job, report: _Reporter) -> dict:
     """The CLI's `train PROJECT` (flows/build.py), as a job: the summary is the job's result."""
     from .engine.train import TrainConfig
     from .flows.build import build_project
+    from .flows.build_progress import project_build_progress
+
+    config = TrainConfig(**job.params["config"])
+    whole = project_build_progress(store, job.project, config)  # one bar for the build, not one per stage
 
     def progress(stage: str, done: int, total: int) -> None:
-        report.progress(stage, done, total, "" if total <= 1 else None)  # a one-step stage has no count to show
+        # The job's progress is the whole build's (in thousandths); its message this stage's count.
+        report.progress(stage, round(whole(stage, done, total) * 1000), 1000,
+                        "" if total <= 1 else f"{done} of {total}")  # a one-step stage has no count to show
 
-    summary = build_project(TrainConfig(**job.params["config"]), project=job.project, store=store,
+    summary = build_project(config, project=job.project, store=store,
                             on_progress=progress, should_stop=report.should_stop)
     return summary.to_dict()
 
@@ -142,7 +161,9 @@ def _search(store: Store, job: Job, report: _Reporter) -> dict:
         summary = search_project(store, job.project, params["categories"], params["per_category"],
                                  params.get("terms", ""),  # jobs made without start_search (older ones) have none
                                  on_progress=report.progress, should_stop=report.should_stop,
-                                 on_category=lambda partial: store.update_job(job.id, result=partial.to_dict()))
+                                 on_category=lambda partial: store.update_job(job.id, result=partial.to_dict()),
+                                 # older jobs searched DuckDuckGo alone, whatever the licence: the same search
+                                 source=params.get("source", "ddg"), license=params.get("license", "any"))
     except SearchUnavailable as exc:
         raise JobFailed(str(exc)) from None
     return summary.to_dict()

@@ -1,13 +1,13 @@
-"""Step 4: preview the augmentation, build a model in a background worker, then read its results."""
-
-from pathlib import Path
+"""Step 4: choose the options and build a model in a background worker, then read its results.
+The last good model's results stay on the page while a new build runs, and after one is cancelled."""
 
 import streamlit as st
 
-from nanostream import charts, jobs, ui
+from nanostream import jobs, ui
 from nanostream.flows import review
-from nanostream.flows.build import BuildSummary, candidate_table, class_table, photos_to_fix, preview_photos
-from nanostream.store.records import FINISHED, StoreError
+from nanostream.flows.build import BuildSummary, photos_to_fix, preview_photos, unsure_photos
+from nanostream.store.records import FINISHED, Job, StoreError
+from nanostream.ui import build as build_ui
 
 ui.run_through_app()
 store = ui.open_store()
@@ -17,11 +17,13 @@ st.header("Build")
 counts = store.counts(project)
 st.caption(f"{' · '.join(f'**{name}**: {n} photos' for name, n in counts.items())}. **Build model** teaches a "
            f"pretrained network your categories, in the background ({jobs.build_time_hint(store, sum(counts.values()))}). "
-           "It also learns from changed copies of each photo, as previewed below.")
+           "It also learns from changed copies of each photo, as previewed below the button.")
 message = st.empty()
 for warning in review.data_warnings(counts):
     st.warning(warning)
-job = jobs.latest_job(store, project, "build")
+builds = [j for j in store.list_jobs(project) if j.kind == "build"]  # newest first
+job = builds[0] if builds else None
+good = next((j for j in builds if j.status == "done" and j.result), None)  # the model the project has now
 
 
 def start(begin) -> None:
@@ -35,8 +37,10 @@ def start(begin) -> None:
 
 
 def options_ui() -> None:
-    """The build's options (ui.build_options_ui) with a preview on the project's photos; starts it."""
-    options = ui.build_options_ui(preview_photos(store, project))
+    """The build's options and button (ui.build.build_options_ui), the preview after them; starts it."""
+    paths = preview_photos(store, project)
+    named = [name for name, n in counts.items() if n][:len(paths)]  # preview_photos: one per category with any
+    options = build_ui.build_options_ui(list(zip(named, paths)), preview_open=good is None)
     if options is not None:
         from nanostream.engine.train import TrainConfig
 
@@ -44,10 +48,10 @@ def options_ui() -> None:
         start(lambda: jobs.start_build(store, project, config))
 
 
-def fixes_ui(summary: BuildSummary) -> None:
+def fixes_ui(summary: BuildSummary, built: Job) -> None:
     """The held-out photos the model got wrong (or nearly), each with a one-click fix."""
     st.subheader("Photos it got wrong")
-    fixes = photos_to_fix(store, project, summary, ui.NOT_SURE)
+    fixes = photos_to_fix(store, project, summary) + unsure_photos(store, project, summary, ui.NOT_SURE)
     if not fixes:
         st.caption("Every held-out photo was classified correctly and confidently (or has been fixed).")
     for entry, record in fixes:
@@ -56,11 +60,12 @@ def fixes_ui(summary: BuildSummary) -> None:
         text.markdown(f"Labelled **{entry.label}**; the model says **{entry.predicted}** ({entry.confidence:.0%}).")
         if entry.wrong and actions.button(f"Move to {entry.predicted}", key=f"build_move_{record.id}"):
             fixed(lambda: store.move_images(project, [record.id], entry.predicted))
-        if actions.button("Delete", key=f"build_delete_{record.id}"):
+        if actions.button("Delete", key=f"build_delete_{record.id}", icon=":material/delete:"):
             fixed(lambda: store.delete_images(project, [record.id]))
-    if st.session_state.get("build_fixed") and st.button("Rebuild with the fixes", type="primary", key="build_rebuild"):
+    if st.session_state.get("build_fixed") and job is built and st.button(
+            "Rebuild with the fixes", type="primary", key="build_rebuild"):
         st.session_state["build_fixed"] = False
-        start(lambda: jobs.rebuild(store, job))
+        start(lambda: jobs.rebuild(store, built))
 
 
 def fixed(change) -> None:
@@ -69,47 +74,29 @@ def fixed(change) -> None:
     st.rerun()
 
 
-def results_ui(summary: BuildSummary) -> None:
-    st.subheader(f"Model {summary.model_id}")
-    accuracy, device = st.columns(2)
-    accuracy.metric(f"Accuracy on {summary.n_val} held-out photos", f"{summary.accuracy:.0%}",
-                    help="Photos kept aside while training, then classified: a fair estimate for new photos.")
-    device.metric("Built on", "GPU" if summary.gpu else "CPU", help=f"{summary.device}, {summary.precision} "
-                  "arithmetic" + ("" if summary.gpu else "; no GPU was found on this machine"))
-    st.caption(f"Backbone **{summary.backbone}** · mode **{summary.mode}** · augmentation **{summary.augment}** "
-               f"({summary.views} copies per photo, fill {summary.fill}) · {summary.n_train} training photos · "
-               f"{summary.seconds:.0f} s")
-    if summary.advice:
-        with st.expander("Would more photos help?"):
-            st.markdown(f"Measured on subsets of your photos: {summary.advice}")
-            if summary.curve_png and Path(summary.curve_png).is_file():
-                st.image(summary.curve_png, width=520)
-    table, matrix = st.columns([1, 1])
-    table.markdown("**Per category** (on the held-out photos)")
-    table.dataframe(class_table(summary), hide_index=True)
-    matrix.image(charts.confusion_png(summary.confusion, summary.classes), width=360)
-    fixes_ui(summary)
-    st.subheader("Backbones tried")
-    st.dataframe(candidate_table(summary), hide_index=True)
-    if summary.skipped:
-        with st.expander(f"{len(summary.skipped)} photo(s) could not be read"):
-            for s in summary.skipped:
-                st.caption(f"{Path(s.file).name}: {s.reason}")
+def results_ui(built: Job) -> None:
+    summary = BuildSummary.from_dict(built.result)
+    build_ui.summary_ui(summary)
+    fixes_ui(summary, built)
+    build_ui.details_ui(summary)
     st.page_link("pages/test.py", label="Next: test the model", icon=":material/arrow_forward:")
 
 
-if job is not None and job.status not in FINISHED:
+running = job is not None and job.status not in FINISHED
+if running:
     st.subheader("Building…")
     st.caption("The build runs in the background: you may leave this page, refresh it or open another tab.")
     ui.job_progress_ui(job.id)
-    st.stop()
-if job is not None and job.status == "failed":
+elif job is not None and job.status == "failed":
     st.error(f"The last build failed: {job.error.rstrip('.')}.  \nThe project and its images are unchanged: "
              f"fix what the message says, then build again.")
 elif job is not None and job.status == "cancelled":
-    st.info("The last build was cancelled. The project is unchanged.")
-elif job is not None:
-    results_ui(BuildSummary.from_dict(job.result))
+    st.info("The last build was cancelled. The project is unchanged" +
+            (f": its model is still {good.result['model_id']}, below." if good else "."))
+if not running:
+    options_ui()
+if good is not None:
     st.divider()
-    st.subheader("Build again")
-options_ui()
+    if job is not good:
+        st.caption("The project's current model, from its last finished build:")
+    results_ui(good)

@@ -1,4 +1,4 @@
-"""Step 3: get images (web search, uploads, URL lists), then review them, most suspicious first."""
+"""Step 3: get images (web search, uploads, URL lists, the camera), then review them, most suspicious first."""
 
 import time
 
@@ -6,9 +6,9 @@ import streamlit as st
 
 from nanostream import jobs, ui
 from nanostream.flows import review
-from nanostream.flows.collect import read_summary
 from nanostream.sources.ingest import add_uploads
 from nanostream.store.records import FINISHED, StoreError
+from nanostream.ui import images as images_ui
 
 PAGE_SIZE, PER_ROW = 24, 6
 FROM_FOLDERS = "(use folder names as categories)"
@@ -28,43 +28,41 @@ st.caption(" · ".join(f"**{name}**: {n} photos" for name, n in store.counts(pro
 message = st.empty()
 
 
-def outcome_ui(job) -> None:
-    """What the latest web search or URL download did."""
-    if job.status == "failed":
-        st.error(job.error)
-        return
-    result = job.result or {}
-    if job.kind == "search":
-        summary = read_summary(job.result)  # None: stopped before it began, or an older version's result
-        for c in summary.categories if summary else ():
-            line = f"**{c.name}**: {len(c.added)} added"
-            if c.searched:
-                line += f" ({c.found} found, {len(c.duplicates)} already here, {len(c.failed)} failed to download)"
-            (st.warning if c.errors else st.caption)(line + "".join(f"  \n{e}" for e in c.errors))
-    else:
-        st.caption(f"URL list: {result.get('added', 0)} added, {result.get('duplicates', 0)} already here, "
-                   f"{len(result.get('skipped', []))} failed.")
-        for source, reason in result.get("skipped", [])[:20]:
-            st.caption(f"{source}: {reason}")
-    if job.status == "cancelled":
-        st.caption(job.message)
+def url_lists(category: str | None, lists) -> bool:
+    """The .txt files of an upload, fetched like pasted URLs (in a worker); False, saying why, if not."""
+    if category is None:
+        message.error("A .txt list of URLs needs one category: choose it in 'Add to category', then add the list again.")
+        return False
+    text = "\n".join(data.decode("utf-8-sig", errors="replace") for _, data in lists)
+    try:
+        jobs.start_url_list(store, project, category, text)
+    except (jobs.JobError, StoreError) as exc:
+        message.error(f"{', '.join(name for name, _ in lists)}: {exc}")
+        return False
+    return True
 
 
-search_tab, upload_tab, urls_tab = st.tabs(["Search the web", "Upload files or a zip", "Paste URLs"])
+search_tab, upload_tab, urls_tab, camera_tab = st.tabs(["Search the web", "Upload files or a zip", "Paste URLs",
+                                                        "Camera"])
 with search_tab:
     target = st.selectbox("Search for", ["All categories", *names], key="images_search_target")
     per_category = st.slider("Images per category", 5, 100, jobs.SEARCH_PER_CATEGORY, 5, key="images_search_per")
+    source, licence = images_ui.search_choices_ui()
     if st.button("Search the web", type="primary", key="images_search_go"):
         try:
-            jobs.start_search(store, project, None if target == "All categories" else [target], per_category)
+            jobs.start_search(store, project, None if target == "All categories" else [target], per_category,
+                              source=source, license=licence)
         except (jobs.JobError, StoreError) as exc:
             message.error(str(exc))
 with upload_tab:
-    upload = ui.upload_form_ui(names, FROM_FOLDERS, IMAGE_TYPES)
+    upload = images_ui.upload_form_ui(names, FROM_FOLDERS, IMAGE_TYPES)
     if upload is not None:
-        st.session_state["images_upload_report"] = add_uploads(store, project, *upload)
-        st.rerun()
-    ui.ingest_report_ui(st.session_state.get("images_upload_report"))  # kept: a finished ranking reruns the page
+        started = not upload.url_lists or url_lists(upload.category, upload.url_lists)
+        if upload.files:
+            st.session_state["images_upload_report"] = add_uploads(store, project, upload.category, upload.files)
+        if started:  # the counts above and the review below show the new photos; an error stays in view
+            st.rerun()
+    images_ui.ingest_report_ui(st.session_state.get("images_upload_report"))  # kept: a finished ranking reruns the page
 with urls_tab:
     urls_target = st.selectbox("Add to category", names, key="images_urls_target")
     text = st.text_area("Image URLs, one per line", key="images_urls_text", placeholder="https://example.com/cat.jpg")
@@ -73,6 +71,15 @@ with urls_tab:
             jobs.start_url_list(store, project, urls_target, text)
         except (jobs.JobError, StoreError) as exc:
             message.error(str(exc))
+with camera_tab:
+    camera_target = st.selectbox("Add to category", names, key="images_camera_target")
+    shot = ui.camera_ui("images_camera", f"Take a photo of {camera_target}")
+    if shot is not None and shot.file_id != st.session_state.get("images_camera_added"):  # each photo once
+        st.session_state["images_camera_added"] = shot.file_id
+        name = f"camera photo {ui.when(time.time())}.jpg"
+        st.session_state["images_camera_report"] = add_uploads(store, project, camera_target, [(name, shot.getvalue())])
+        st.rerun()
+    images_ui.ingest_report_ui(st.session_state.get("images_camera_report") if shot is not None else None)
 
 for kind in ("search", "urls"):
     job = jobs.latest_job(store, project, kind)
@@ -81,7 +88,7 @@ for kind in ("search", "urls"):
     elif job is not None and job.finished_at and job.id != st.session_state.get(f"images_seen_{kind}"):
         what = "web search" if kind == "search" else "URL download"
         with st.expander(f"Last {what}: {job.status}, {ui.ago(time.time() - job.finished_at)}", expanded=True):
-            outcome_ui(job)
+            images_ui.outcome_ui(job)
             if st.button("Hide", key=f"images_hide_{kind}"):
                 st.session_state[f"images_seen_{kind}"] = job.id
                 st.rerun()
@@ -96,7 +103,7 @@ for warning in review.data_warnings(counts, ranked):
 if not sum(counts.values()):
     st.info("No images yet: search the web or upload some above.")
     st.stop()
-ui.ranking_status_ui(ranking)
+images_ui.ranking_status_ui(ranking)
 
 
 def change(ids: list[int], move_to: str | None) -> str:
@@ -106,6 +113,6 @@ def change(ids: list[int], move_to: str | None) -> str:
     return f"Moved {store.move_images(project, ids, move_to)} image(s)."
 
 
-ui.review_grid_ui(store, project, names, ranked, change, PAGE_SIZE, PER_ROW)
+images_ui.review_grid_ui(store, project, names, ranked, change, PAGE_SIZE, PER_ROW)
 if min(counts.values()) >= 2:
     st.page_link("pages/build.py", label="Next: build a model", icon=":material/arrow_forward:")

@@ -1,4 +1,5 @@
-"""Step 5: try a model on new photos; a labelled zip or folder measures its accuracy."""
+"""Step 5: try a model on new photos (uploaded, from URLs or the camera); a labelled zip or folder
+measures its accuracy. Answers are kept: moving the 'not sure' slider only redraws them."""
 
 import streamlit as st
 
@@ -20,20 +21,31 @@ model_id = left.selectbox("Model version", list(by_id), key="test_model", format
     f"{i} · {by_id[i].metrics.get('accuracy', 0):.0%} held-out accuracy · built {ui.when(by_id[i].created_at)}"))
 threshold = right.slider("'Not sure' below", 0.0, 1.0, ui.NOT_SURE, 0.05, key="test_threshold",
                          help="When the top probability is under this, the answer is shown as 'not sure'.")
+bundle = by_id[model_id].bundle_path
 try:
-    classifier = ui.load_model(by_id[model_id].bundle_path)
+    classifier = ui.load_model(bundle)
 except (ValueError, OSError, RuntimeError) as exc:  # BundleError, a missing file, BackboneUnavailable
     st.error(f"Cannot load model {model_id}: {exc}")
     st.stop()
 st.caption(f"Categories: {', '.join(classifier.labels)}")
 
-photos_tab, urls_tab, measure_tab = st.tabs(["Upload photos", "Paste URLs", "Measure accuracy"])
+
+
+def answers_ui(payloads: list[bytes], names: list[str]) -> None:
+    """Each photo with the model's answer: classified once (ui.predictions), redrawn at each threshold."""
+    for prediction, data in zip(ui.predictions(bundle, tuple(payloads), tuple(names)), payloads):
+        ui.prediction_ui(prediction, data, threshold)
+
+
+photos_tab, camera_tab, urls_tab, measure_tab = st.tabs(["Upload photos", "Camera", "Paste URLs", "Measure accuracy"])
 with photos_tab:
     files = st.file_uploader("Photos to classify", type=IMAGE_TYPES, accept_multiple_files=True, key="test_files")
     if files:
-        payloads = [f.getvalue() for f in files]
-        for prediction, data in zip(classifier.predict_bytes(payloads, [f.name for f in files]), payloads):
-            ui.prediction_ui(prediction, data, threshold)
+        answers_ui([f.getvalue() for f in files], [f.name for f in files])
+with camera_tab:
+    shot = ui.camera_ui("test_camera")
+    if shot is not None:
+        answers_ui([shot.getvalue()], ["camera photo"])
 with urls_tab:
     text = st.text_area(f"Image URLs, one per line (up to {MAX_URLS})", key="test_urls")
     if st.button("Classify", key="test_urls_go") and text.strip():
@@ -41,15 +53,14 @@ with urls_tab:
         from nanostream.sources.ingest import parse_url_list
 
         urls, bad = parse_url_list(text)
-        for line, content in bad:
-            st.error(f"Line {line} is not an http(s) URL: {content[:80]}")
         with st.spinner(f"Downloading {len(urls[:MAX_URLS])} image(s)…"):
             report = fetch_images(urls[:MAX_URLS])
-        for failure in report.failed:
-            st.error(f"{failure.url}: {failure.reason}")
-        fetched = list(report.fetched)
-        for prediction, item in zip(classifier.predict_bytes([f.data for f in fetched], [f.url for f in fetched]), fetched):
-            ui.prediction_ui(prediction, item.data, threshold)
+        problems = [f"Line {line} is not an http(s) URL: {content[:80]}" for line, content in bad]
+        st.session_state["test_fetched"] = (report.fetched, problems + [f"{f.url}: {f.reason}" for f in report.failed])
+    fetched, problems = st.session_state.get("test_fetched", ((), ()))  # kept for the slider's reruns
+    for problem in problems:
+        st.error(problem)
+    answers_ui([f.data for f in fetched], [f.url for f in fetched])
 with measure_tab:
     st.caption("Upload a .zip (or a folder) with one subfolder per category, named like the model's categories, "
                "holding photos the model has not seen.")
@@ -65,9 +76,15 @@ with measure_tab:
             st.dataframe([{"category": c.label, "correct": c.correct, "photos": c.n,
                            "accuracy": f"{c.recall:.0%}" if c.n else "—"} for c in evaluation.per_class],
                          hide_index=True)
+            if evaluation.mistakes:
+                st.subheader(f"Photos it got wrong ({len(evaluation.mistakes)})")
             for mistake in evaluation.mistakes[:30]:
                 st.caption(f"{mistake.file}: is {mistake.label}, predicted {mistake.predicted} "
                            f"({mistake.confidence:.0%})")
+            if unsure := evaluation.unsure(threshold):
+                st.subheader(f"Right, but not sure ({len(unsure)})")
+            for answer in unsure[:30]:
+                st.caption(f"{answer.file}: {answer.label}, right with {answer.confidence:.0%}")
         else:
             st.error(evaluation.problem)
         if evaluation.skipped:

@@ -5,6 +5,8 @@ mid-search. Tests set StandIn.script and reset StandIn.queries and StandIn.on_qu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nanostream.sources.search import ImageHit, SearchPacing
 
 SPEC = f"{__name__}:stand_in"
@@ -24,8 +26,7 @@ class StandIn:
         answer = self.script[next(c for c in self.script if query == c or query.startswith(c + " "))]
         if isinstance(answer, Exception):
             raise answer
-        return [ImageHit(h.url, h.page_url, h.title, query, h.width, h.height, h.source, h.license)
-                for h in answer[:max_results]]
+        return [replace(h, query=query) for h in answer[:max_results]]
 
 
 def stand_in() -> StandIn:

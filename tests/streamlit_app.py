@@ -21,9 +21,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(home: Path, log_path: Path, port: int, *options: str) -> subprocess.Popen:
-    """The app as `python -m streamlit run app.py --server.port PORT *options`, answering once this returns."""
-    env = {**os.environ, "NANOSTREAM_HOME": str(home), "PYTHONPATH": str(REPO)}
+def start_app(home: Path, log_path: Path, port: int, *options: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen:
+    """The app as `python -m streamlit run app.py --server.port PORT *options`, answering once this returns;
+    `env` adds to the environment it inherits."""
+    env = {**os.environ, "NANOSTREAM_HOME": str(home), "PYTHONPATH": str(REPO), **(env or {})}
     with open(log_path, "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                                    *options], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -114,7 +114,7 @@ def test_pages_and_their_helpers_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import nanostream.ui, nanostream.jobs, nanostream.flows.sample, nanostream.store.keys, "
+    code = ("import sys; import nanostream.ui, nanostream.ui.images, nanostream.ui.build, nanostream.jobs, nanostream.flows.sample, nanostream.store.keys, "
             "nanostream.flows.review, nanostream.flows.evaluate, nanostream.flows.publish, nanostream.charts; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(APP).parent)
@@ -123,20 +123,23 @@ def test_pages_and_their_helpers_do_not_import_torch():
 
 
 def test_ui_holds_widgets_only():
-    """ui.py imports neither torch nor PIL (at any depth of the file), and only reads the store:
+    """ui/ imports neither torch nor PIL (at any depth of its files), and only reads the store:
     library work lives in the flows, the engine and charts; a page's own callback changes things."""
     import ast
 
     from nanostream.store.db import Store
 
-    tree = ast.parse((Path(APP).parent / "nanostream" / "ui.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"torch", "torchvision", "PIL", "numpy", "matplotlib"}
     reads = {"counts", "image_path", "blob_path", "published_models", "cancel_requested"}
     writes = {name for name in dir(Store) if not name.startswith(("_", "get_", "list_")) and name not in reads}
-    called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
-    assert called & writes == set()
+    files = sorted((Path(APP).parent / "nanostream" / "ui").glob("*.py"))
+    assert {"__init__.py", "build.py", "images.py"} <= {f.name for f in files}
+    for path in files:
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"torch", "torchvision", "PIL", "numpy", "matplotlib"}, path.name
+        called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+        assert called & writes == set(), path.name
 
 
 
@@ -250,17 +253,27 @@ def test_images_upload_zip_warnings_move_and_delete(home, store, datasets):
     warnings = texts(at.warning)
     assert "Too few images in ants (3), bees (2), wasps (0)" in warnings and "add at least 5" in warnings
 
-    # review grid: move one ant to bees, delete another
+    # review grid: move one ant to bees; delete another, asked first ("keep them", then yes)
     shown = [r.id for r in store.list_images("insects", "ants")]
-    at.checkbox(key=f"images_sel_{shown[0]}").check()
-    at.selectbox(key="images_move_to").set_value("bees")
+    assert at.button(key="images_delete").disabled and at.button(key="images_move").disabled  # nothing ticked
+    at.checkbox(key=f"images_sel_{shown[0]}").check().run()
+    assert "1 of the 3 photos on this page selected." in texts(at.caption)
+    at.selectbox(key="images_move_to").set_value("bees").run()
     at.button(key="images_move").click().run()
     ok(at)
     assert "Moved 1 image(s)" in texts(at.success)
     assert store.counts("insects")["bees"] == 3
-    at.checkbox(key=f"images_sel_{shown[1]}").check()
+    at.checkbox(key=f"images_sel_{shown[1]}").check().run()
     at.button(key="images_delete").click().run()
     ok(at)
+    assert "Delete **1** photo(s) from the project? They cannot be brought back." in texts(at.markdown)
+    assert store.counts("insects")["ants"] == 2  # asked, not deleted yet
+    at.button(key="images_delete_no").click().run()
+    assert store.counts("insects")["ants"] == 2
+    at.button(key="images_delete").click().run()
+    at.button(key="images_delete_yes").click().run()
+    ok(at)
+    assert "Deleted 1 image(s)." in texts(at.success)
     assert store.counts("insects")["ants"] == 1
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from nanostream import jobs, paths, worker
+from nanostream import paths, worker
 from nanostream.cli.main import main
 from nanostream.engine import backbones
 from nanostream.engine.bundle import BundleError, read_bundle, read_header, save_bundle
 from nanostream.engine.images import normalize_image
 from nanostream.engine.train import TrainConfig
-from nanostream.flows.build import BuildSummary, photos_to_fix
+from nanostream.flows.build import BuildSummary, accuracy_in_words, photos_to_fix, unsure_photos
 from nanostream.store.db import Store
 from nanostream.store.records import Provenance
 
@@ -85,16 +85,23 @@ def test_the_cli_and_the_worker_build_the_same_model(store, capsys):
     assert [m.model_id for m in store.list_models("insects")][:2] == [by_job["model_id"], by_cli["model_id"]]
     # the summary itself: the project's photos, the model's metrics, every photo's id
     assert (by_cli["project"], by_cli["classes"], by_cli["empty_categories"]) == ("insects", ["ants", "bees"], ["wasps"])
-    assert by_cli["n_train"] + by_cli["n_val"] == 8 and sum(map(sum, by_cli["confusion"])) == by_cli["n_val"]
+    # no val/: every photo trains, and each is measured by a fit that never saw it
+    assert (by_cli["n_train"], by_cli["n_val"]) == (8, 0) and sum(map(sum, by_cli["confusion"])) == 8
+    assert by_cli["estimate"] == "cross-validation" and set(by_cli["calibration"]) == {"temperature", "ece"}
+    low, high = by_cli["accuracy_interval"]
+    assert 0 <= low <= by_cli["accuracy"] <= high <= 1
+    assert accuracy_in_words(BuildSummary.from_dict(by_cli)) == (
+        f"about {by_cli['accuracy']:.0%} ({low:.0%}–{high:.0%}), measured on all 8 photos, each held out once")
     assert set(by_cli["per_class"]) == {"ants", "bees"} and by_cli["skipped"] == []
     ids = {r.id for r in store.list_images("insects")}
-    assert {e["image_id"] for e in by_job["highest_loss"]} <= ids and len(by_job["highest_loss"]) == by_job["n_val"]
+    assert {e["image_id"] for e in by_job["highest_loss"]} <= ids and len(by_job["highest_loss"]) == 8
     assert store.get_model(by_job["model_id"]).metrics["highest_loss"] == by_job["highest_loss"]
     assert by_job["advice"] and by_job["advice_error"] is None and Path(by_job["curve_png"]).is_file()
     assert (by_job["augment"], by_job["policy"]["name"], by_job["config"]["augment"]) == ("none", "none", "none")
     assert by_job["device"] == "CPU" or by_job["device"].startswith("GPU (")
     for summary in (by_cli, by_job):  # what the page reads back is what was written
-        assert json.loads(json.dumps(BuildSummary.from_dict(summary).to_dict())) == summary
+        built = {k: v for k, v in summary.items() if k not in ("runner", "node")}  # where it ran: not the build's
+        assert json.loads(json.dumps(BuildSummary.from_dict(summary).to_dict())) == built
 
 
 def test_the_bundle_says_how_the_model_was_asked_for(store, capsys, tmp_path):
@@ -143,5 +150,7 @@ def test_a_build_stored_before_the_summary_existed_still_reads(store):
     assert (summary.classes, summary.augment, summary.views, summary.gpu) == (("ants", "bees"), "default", 1, False)
     assert [(c.label, c.correct, c.n) for c in summary.per_class] == [("ants", 0, 1), ("bees", 1, 1)]
     assert [(s.file, s.reason) for s in summary.skipped] == [("b.jpg", "not an image")]
-    fixes = photos_to_fix(store, "insects", summary, not_sure=0.6)
+    fixes = photos_to_fix(store, "insects", summary)
     assert [(entry.predicted, record.id) for entry, record in fixes] == [("bees", ant.id)]
+    assert unsure_photos(store, "insects", summary, not_sure=0.95) == []  # the only one is wrong, not unsure
+    assert accuracy_in_words(summary) == "50% on 2 held-out photos"  # no interval then: said as before

@@ -2,6 +2,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_train_json_contract(trained):
     assert set(summary["per_class"]["ants"]) >= {"precision", "recall", "n"} and len(summary["confusion"]) == 2
     assert set(summary["candidates"][0]) == {"backbone", "cv_accuracy", "seconds", "gflops", "error"}
     assert summary["project"] is None and summary["config"]["views"] == 1 and summary["policy"]["views"] == 1
+    assert (summary["runner"], summary["node"]) == ("local", socket.gethostname())  # the default runner
     assert "features efficientnet_lite0" in proc.stderr  # progress on stderr, not stdout
 
 

@@ -214,7 +214,8 @@ def search_env(home, monkeypatch, httpserver):
 
 def serve(httpserver, path: str, photo: Path) -> ImageHit:
     httpserver.expect_request(path).respond_with_data(photo.read_bytes(), content_type="image/jpeg")
-    return ImageHit(httpserver.url_for(path), f"https://example.org/page{path}", "", "", None, None, "stand-in", "")
+    return ImageHit(httpserver.url_for(path), f"https://example.org/page{path}", "", "", None, None, "stand-in",
+                    "CC0 1.0")  # licensed: the default filter (free) keeps them
 
 
 def test_images_search_downloads_stores_provenance_and_caches(capsys, search_env, datasets):
@@ -225,7 +226,7 @@ def test_images_search_downloads_stores_provenance_and_caches(capsys, search_env
         "ants": [serve(server, f"/ant{i}.jpg", p) for i, p in enumerate(ants)]
         + [serve(server, "/ant0-again.jpg", ants[0])],  # same picture at another URL
         "bees": [serve(server, f"/bee{i}.jpg", p) for i, p in enumerate(bees)]
-        + [ImageHit(server.url_for("/broken.jpg"), "", "", "", None, None, "stand-in", "")],
+        + [ImageHit(server.url_for("/broken.jpg"), "", "", "", None, None, "stand-in", "CC0 1.0")],
     }
     ok(capsys, "project", "create", "insects", "--categories", "ants,bees")
     code, out, err, report = cli(capsys, "images", "search", "insects", "--per-category", "10",

@@ -95,6 +95,18 @@ def test_a_folder_and_its_upload_give_equal_evaluations(labelled):
     assert [s.reason for s in by_folder.skipped] == [s.reason for s in by_upload.skipped] == [UNKNOWN]
 
 
+def test_mistakes_are_only_wrong_answers_and_unsure_ones_are_right(labelled):
+    """The bee filed under ants is a mistake; an unsure answer is always a right one, apart from them."""
+    data, truth = labelled
+    evaluation = evaluate(load_classifier(tiny_model().path), *folder_photos(data))
+    assert evaluation.mistakes and all(m.predicted != m.label for m in evaluation.mistakes)
+    assert len(evaluation.mistakes) + len(evaluation.right) == evaluation.n == len(truth)
+    assert all(a.predicted == a.label for a in evaluation.right)
+    threshold = max(a.confidence for a in evaluation.right) + 1e-6  # every right answer is below it
+    assert evaluation.unsure(threshold) == evaluation.right and evaluation.unsure(0.0) == ()
+    assert [a.confidence for a in evaluation.right] == sorted(a.confidence for a in evaluation.right)
+
+
 def test_nothing_classifiable_is_one_sentence_for_both(tmp_path, capsys):
     model = tiny_model()
     (tmp_path / "wasps").mkdir()

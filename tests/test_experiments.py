@@ -16,7 +16,7 @@ from nanostream.cli.main import main
 from nanostream.engine.data import scan_folder
 from nanostream.engine.features import FeatureCache
 
-ARM_KEYS = {"accuracies", "mean", "std"}
+ARM_KEYS = {"accuracies", "distinct_runs", "mean", "std"}
 # Tiny but real: 3 classes x 6 photos; 2 seeds, 1 view per image keep the module near 30 s on 2 cores.
 FAST = common.ExperimentConfig(seeds=2, views=1)
 FAST_SCRATCH = transfer.ScratchConfig(size=32, epochs=2)
@@ -85,9 +85,44 @@ def test_augmentation_arms_shape_and_same_seed_same_numbers(flowers):
     for arm in arms:
         assert set(arm) == ARM_KEYS | {"policy"}
         assert len(arm["accuracies"]) == 2 and all(0 <= a <= 1 for a in arm["accuracies"])
+        assert arm["distinct_runs"] == 2  # no val/: each seed holds out its own photos
         assert arm["mean"] == pytest.approx(np.mean(arm["accuracies"]), abs=1e-4)
         assert arm["std"] == pytest.approx(np.std(arm["accuracies"], ddof=1), abs=1e-4)
     assert common.plot_arms(first).startswith(b"\x89PNG")
+
+
+def test_seeds_on_a_fixed_val_with_every_photo_used_are_real_repetitions(bees):
+    """val/ fixed and all 5 training photos per class used: the seeds differ only by their
+    augmentations. Unaugmented, the three seeds are one run: mean of it, no spread. Augmented,
+    each seed draws its own views, so three runs, and their spread is the spread of those."""
+    dataset = scan_folder(bees)
+    config = common.ExperimentConfig(seeds=3, views=1)
+    result = augmentation.augmentation_experiment(dataset, ["none", "default"], config)
+    none, default = (arm.to_dict("policy") for arm in result.arms)
+    assert len(set(none["accuracies"])) == 1 and none["distinct_runs"] == 1 and none["std"] is None
+    assert default["distinct_runs"] == 3
+    assert default["std"] == pytest.approx(np.std(default["accuracies"], ddof=1), abs=1e-4)
+    assert "-" in common.arms_table(result).splitlines()[1].split()[3]  # none's std column: not measured
+
+    run = common.Run(config, None, None, None, FeatureCache())
+    table = run.table(dataset)
+    splits = C.make_splits(table, 3, None, 0.25)
+    assert len({tuple(sorted(s.train())) for s in splits}) == 1  # the same photos every seed
+    blocks = common.view_blocks(splits)
+    assert [set(b.values()) for b in blocks] == [{0}, {1}, {2}]
+    from nanostream.engine.augment import get_policy
+    views = run.seed_views(table, get_policy("default"), blocks)
+    rows = splits[0].train()
+    assert all(not torch.equal(views[0][rows], v[rows]) for v in views[1:])  # each seed its own views
+    assert torch.equal(views[0], run.views(table, get_policy("default"), rows))  # seed 0: a build's views
+
+
+def test_view_blocks_count_each_photos_earlier_uses():
+    split = lambda seed, rows: C.Split(seed, (tuple(rows),), ())
+    blocks = common.view_blocks([split(0, [1, 2]), split(1, [2, 3]), split(2, [1, 2, 3])])
+    assert blocks == [{1: 0, 2: 0}, {2: 1, 3: 0}, {1: 1, 2: 2, 3: 1}]
+    arm = common.Arm("x", (0.5, 0.5, 0.7), ("a", "a", "b"))
+    assert arm.distinct == [0.5, 0.7] and arm.mean == pytest.approx(0.6)
 
 
 def test_default_arms_are_none_default_and_each_technique():
@@ -197,7 +232,8 @@ def test_cli_json_is_the_last_line_and_chart_is_written(flowers, tmp_path, capsy
     payload = json.loads(out[-1])
     assert key in payload
     if key == "arms":
-        assert all(len(a["accuracies"]) == 1 and a["std"] == 0.0 for a in payload["arms"])
+        assert all(len(a["accuracies"]) == 1 and a["distinct_runs"] == 1 and a["std"] is None
+                   for a in payload["arms"])  # one run: no spread measured, none reported
     else:
         assert "images_per_class_for_target" in payload
     assert chart.read_bytes().startswith(b"\x89PNG")

@@ -41,6 +41,8 @@ def check_labels_file(path, model, fmt: str) -> None:
     prep = info["preprocessing"]
     assert (prep["resize_size"], prep["interpolation"], prep["input_size"]) == (256, "bicubic", 224)
     assert "center" in prep["crop"] and "inside" in prep["normalization"]
+    # the graph divides by the model's temperature (the reference probabilities are calibrated ones)
+    assert info["temperature"] == read_bundle(model.path)[0]["calibration"]["temperature"] != 1.0
 
 
 def test_onnx_export_agrees_with_pytorch(model, reference, tmp_path, capsys):

@@ -9,12 +9,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "nanostream"
 # Lower numbers sit lower. A module may import its own layer and the ones below, never above.
 LAYERS = {
-    "paths": 0, "process": 0, "charts": 0, "__init__": 0,
+    "paths": 0, "process": 0, "charts": 0, "access": 0, "__init__": 0,
     "store": 1,
     "engine": 2,
     "sources": 3,
     "flows": 4, "experiments": 4,
-    "jobs": 5, "standby": 5, "worker": 5,
+    "jobs": 5, "standby": 5, "worker": 5, "runners": 5,
     "api": 6, "cli": 6, "ui": 6, "__main__": 7,
 }
 # Same-rank packages that must not import each other (builds never import research).

@@ -89,7 +89,8 @@ def test_a_file_claiming_another_models_id_publishes_only_itself(home, tmp_path)
     first = run(home, "publish", claim, "--json")
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout.splitlines()[-1]) == {"model_id": own_id, "published": True,
-                                                        "demo": f"/demo?model={own_id}", "unpublished": []}
+                                                        "demo": f"/demo?model={own_id}", "unpublished": [],
+                                                        "project_demo": None}  # a file of no project
     with Store(home) as store:
         assert store.get_model(own_id).published and store.get_model(own_id).bundle_path == str(model_path(own_id))
         with pytest.raises(StoreError):

@@ -97,3 +97,48 @@ def test_a_fine_tuned_tensor_that_does_not_fit_its_backbone_is_refused(trained_m
     unknown = {**tensors, "backbone.body.blocks.6.9.weight": torch.zeros(1)}
     with pytest.raises(BundleError, match="its backbone has no tensor 'body.blocks.6.9.weight'"):
         load_classifier(save_bundle(tmp_path / "u.safetensors", meta, unknown))
+
+
+def test_models_on_one_frozen_backbone_share_it_and_split_into_features_and_outputs(trained_model, tiny_hymenoptera,
+                                                                                     tmp_path):
+    """The contract of the API's one server for many models: one backbone copy, features once, many heads."""
+    meta, tensors = read_bundle(trained_model[1])
+    twin_path = save_bundle(tmp_path / "twin.safetensors", {**meta, "model_id": "m-00000000ab"}, tensors)
+    a, b = load_classifier(trained_model[0]), load_classifier(twin_path)
+    assert a is not b and a.backbone_key == b.backbone_key and a.backbone is b.backbone
+    assert a.backbone_key.startswith(f"efficientnet_lite0/{meta['backbone_weights']}/{a.precision}/")
+    photos = sorted((tiny_hymenoptera / "val" / "ants").iterdir())
+    x = torch.stack([a.prepare(p.read_bytes()) for p in photos])
+    features = a.features(x)
+    assert features.shape == (len(photos), 1280) and features.dtype == torch.float32
+    said = b.outputs(features)
+    assert torch.equal(said.probs, a.probabilities(x)) and said.unknown.dtype == torch.bool
+    assert said.unknown.shape == (len(photos),)
+    assert a.traced().backbone is b.traced().backbone  # one trace per backbone too
+
+
+def test_confidence_is_calibrated_and_photos_of_another_domain_are_unknown(trained_model, datasets, caplog):
+    meta, tensors = read_bundle(trained_model[1])
+    assert meta["calibration"]["temperature"] > 0 and 0 <= meta["calibration"]["ece"] <= 1
+    assert meta["unknown"]["threshold"] > 0 and tensors["unknown.reference"].shape == (12, 1280)
+    flowers = sorted((datasets / "flowers" / "daisy").iterdir())[:10]
+    said = load_classifier(trained_model[0]).predict_files(flowers)
+    assert sum(p.unknown for p in said) >= 8, [p.to_dict() for p in said]
+    assert said[0].to_dict()["unknown"] is said[0].unknown
+
+
+def test_a_model_made_before_calibration_loads_with_temperature_one_and_never_unknown(trained_model, tmp_path, caplog):
+    meta, tensors = read_bundle(trained_model[1])
+    old_meta = {k: v for k, v in meta.items() if k not in ("calibration", "unknown")}
+    old = save_bundle(tmp_path / "old.safetensors", {**old_meta, "model_id": "m-00000000cd"},
+                      {k: v for k, v in tensors.items() if k.startswith("head.")})
+    with caplog.at_level("INFO", logger="nanostream.engine.predict"):
+        classifier = load_classifier(old)
+        load_classifier(old)  # cached: said once
+    assert classifier.temperature == 1.0 and classifier.detector is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "model m-00000000cd was made before calibration (temperature 1) and the unknown check (never unknown)"]
+    flowers = tmp_path / "x.png"
+    from PIL import Image
+    Image.new("RGB", (64, 64), (200, 30, 90)).save(flowers)
+    assert classifier.predict_files([flowers])[0].unknown is False

@@ -98,17 +98,20 @@ def test_planted_bee_and_flower_rank_first(store, datasets):
     ants, bees = hymenoptera(datasets, "ants"), hymenoptera(datasets, "bees")
     daisy = sorted((datasets / "flowers" / "daisy").iterdir())[0]
     store.create_project("planted", ["ants", "bees"])
-    add(store, "planted", "ants", ants[:6])
-    planted_bee, planted_daisy = add(store, "planted", "ants", [bees[6], daisy])
-    add(store, "planted", "bees", bees[:6])
+    add(store, "planted", "ants", ants[:12])  # 12 a category: out-of-fold fits of fewer are a guess
+    planted_bee, planted_daisy = add(store, "planted", "ants", [bees[12], daisy])
+    add(store, "planted", "bees", bees[:12])
 
     ranked = rank_suspicious(store, "planted")
-    assert [len(ranked["ants"]), len(ranked["bees"])] == [8, 6]
+    assert [len(ranked["ants"]), len(ranked["bees"])] == [14, 12]
     assert {s.image_id for s in ranked["ants"][:2]} == {planted_bee, planted_daisy}
-    bee = next(s for s in ranked["ants"] if s.image_id == planted_bee)
-    assert bee.reasons == (Reason(Finding.LOOKS_LIKE, "looks more like 'bees'"),) and not bee.needs_action
-    for suspects in ranked.values():  # nothing needs action here: plain score order
-        assert [s.score for s in suspects] == sorted((s.score for s in suspects), reverse=True)
+    bee, daisy = (next(s for s in ranked["ants"] if s.image_id == i) for i in (planted_bee, planted_daisy))
+    assert bee.reasons == (Reason(Finding.LOOKS_LIKE, "looks like bees (100%)"),)  # out of fold: a bee
+    assert Reason(Finding.OFF_TOPIC, "unlike every other photo of ants") in daisy.reasons
+    flagged = {s.image_id for suspects in ranked.values() for s in suspects if s.flagged}
+    assert {planted_bee, planted_daisy} <= flagged and len(flagged) <= 6  # 4 borderline real photos besides
+    for suspects in ranked.values():  # flagged first, then by score
+        assert [(not s.flagged, -s.score) for s in suspects] == sorted((not s.flagged, -s.score) for s in suspects)
 
 
 def test_duplicates_and_cross_category_copies_are_flagged(store, datasets, tmp_path):
@@ -147,7 +150,7 @@ def test_unreadable_blob_comes_first_with_its_reason(store, datasets):
         blob.write_bytes(original)
     first = ranked["ants"][0]
     assert first.image_id == ids[1] and first.reasons[0].finding is Finding.UNREADABLE
-    assert first.reasons[0].text.startswith("unreadable: ") and first.needs_action
+    assert first.reasons[0].text.startswith("unreadable: ") and first.flagged
 
 
 def test_empty_categories_are_listed(store):

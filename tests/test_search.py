@@ -11,8 +11,9 @@ import pytest
 
 from nanostream.sources.search import (
     DDGSProvider, ImageHit, Pacer, QueryCache, RateLimited, SearchError, SearchPacing, SearchTimeout,
-    backoff_delay, make_provider, query_variants, search_category,
+    backoff_delay, query_variants, search_category,
 )
+from nanostream.sources.providers import make_provider, sources_to_try
 
 
 def hit(url: str, query: str = "q") -> ImageHit:
@@ -82,11 +83,15 @@ def test_one_pacer_spaces_live_calls_across_categories_and_never_waits_for_the_c
     assert pacer.live_calls == 4
 
 
-def test_providers_by_name():
-    assert isinstance(make_provider(), DDGSProvider) and isinstance(make_provider("ddgs"), DDGSProvider)
-    with pytest.raises(SearchError) as caught:
-        make_provider("altavista")
-    assert str(caught.value) == "unknown image source 'altavista'; valid: ddgs"
+def test_providers_by_name_in_the_order_auto_tries_them():
+    assert [type(make_provider(name, "free")).__name__ for name in sources_to_try("auto")] == [
+        "OpenverseProvider", "WikimediaProvider", "DDGSProvider"]  # licensed first, DuckDuckGo last
+    assert sources_to_try("wikimedia") == ["wikimedia"]
+    for bad in (lambda: make_provider("altavista"), lambda: sources_to_try("ddgs")):
+        with pytest.raises(SearchError) as caught:
+            bad()
+        assert str(caught.value).startswith("unknown image source ")
+        assert str(caught.value).endswith("; valid: auto, openverse, wikimedia, ddg")
 
 
 def test_stops_querying_once_enough_hits_and_caps_them():
@@ -269,7 +274,8 @@ def test_ddgs_provider_parses_duckduckgo_results(network):
     first = hits[0]
     assert (first.page_url, first.title, first.query) == (
         "https://en.wikipedia.org/wiki/Golden_Retriever", "Golden Retriever - Wikipedia", "golden retriever")
-    assert (first.width, first.height, first.source, first.license) == (2048, 1365, "Bing", "Public")
+    # the engine's licence filter says nothing about each image: its licence stays unknown
+    assert (first.width, first.height, first.source, first.license, first.provider) == (2048, 1365, "Bing", "", "ddg")
     assert first.thumbnail == "https://tse1.mm.bing.net/th?id=OIP.abc&pid=Api"
     assert hits[1].title == "Golden Retriever puppy & ball"
     (_, vqd_url, vqd_params), (_, search_url, params) = fake.requests

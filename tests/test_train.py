@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanostream.engine.backbone_specs import BackboneUnavailable
-from nanostream.engine.choice import Candidate, choose_backbone
+from nanostream.engine.choice import Candidate, choose_backbone, standard_error
 from nanostream.engine.data import DataError, scan_folder
 from nanostream.engine.features import FeatureCache
 from nanostream.engine.head import cross_val_accuracy, fit_head, stratified_folds
@@ -34,26 +34,31 @@ def auto_build(tiny_hymenoptera) -> TrainResult:
     return train(scan_folder(tiny_hymenoptera), TrainConfig(augment="none"))
 
 
-def test_auto_backbone_scores_every_candidate_and_picks_the_best(auto_build):
+def test_auto_backbone_scores_every_candidate_and_picks_the_cheapest_of_the_best(auto_build):
     result = auto_build
     scores = {c.backbone: c.cv_accuracy for c in result.candidates}
     assert set(scores) >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     best = max(scores.values())
-    tied = [c for c in result.candidates if c.cv_accuracy == best]
+    tied = [c for c in result.candidates if c.cv_accuracy >= best - standard_error(best, result.n_train) - 1e-9]
     assert result.backbone == min(tied, key=lambda c: c.gflops).backbone
 
 
-def test_split_is_stratified_and_fixed_by_seed(datasets, tmp_path):
+def test_without_val_every_photo_is_measured_out_of_fold_and_fixed_by_seed(datasets, tmp_path):
     for label in ("ants", "bees"):
         (tmp_path / label).mkdir()
         for photo in sorted((datasets / "hymenoptera" / "train" / label).iterdir())[:5]:
             shutil.copy(photo, tmp_path / label)
     config = TrainConfig(backbone="efficientnet_lite0", augment="none", seed=3)
     a, b = train(scan_folder(tmp_path), config), train(scan_folder(tmp_path), config)
-    assert (a.n_train, a.n_val) == (8, 2)  # from 5 per class, one of each held out
-    assert a.metrics["per_class"]["ants"]["n"] == 1
+    assert (a.n_train, a.n_val) == (10, 0)  # no photo set aside: each of the 10 held out once per round
+    assert a.estimate.kind == "cross-validation" and a.estimate.n == 10 and a.estimate.repeats == 5
+    assert a.metrics["per_class"]["ants"]["n"] == 5 and a.metrics["n"] == 10
+    assert a.estimate.low <= a.estimate.accuracy == a.metrics["accuracy"] <= a.estimate.high
+    wrong = [h for h in a.metrics["highest_loss"] if h["label"] != h["predicted"]]
+    assert len(wrong) == round((1 - a.estimate.accuracy) * 10)  # every wrong photo is listed
     assert [h["file"] for h in a.metrics["highest_loss"]] == [h["file"] for h in b.metrics["highest_loss"]]
     assert torch.equal(a.head.linear.weight, b.head.linear.weight)
+    assert a.calibration == b.calibration and a.calibration.temperature > 0
 
 
 def test_bad_files_are_skipped_and_counted(tiny_hymenoptera, tmp_path):
@@ -132,13 +137,17 @@ def test_near_duplicates_never_straddle_the_split(datasets, tmp_path):
         assert {i.label for i in val} == {"ants", "bees"}
 
 
-def test_the_choice_takes_the_best_score_ties_to_the_cheaper_and_keeps_the_preferred_within_one_image():
+def test_the_choice_takes_the_cheapest_within_one_standard_error_and_keeps_the_preferred():
     cheap, dear, broken = (Candidate("cheap", 0.80, 1.0, 0.4), Candidate("dear", 0.80, 2.0, 4.0),
                            Candidate("broken", None, 0.0, 0.1, "no weights"))
     better = Candidate("better", 0.90, 3.0, 8.0)
     assert choose_backbone([dear, cheap, broken]) == cheap
+    # 0.10 apart: more than one standard error of 0.90 on 10 photos (0.095), within it on 9 (0.10)
+    assert choose_backbone([cheap, better], n_train=10) == better
+    assert choose_backbone([cheap, better], n_train=9) == cheap
+    assert choose_backbone([cheap, better], n_train=9, rule="best") == better  # the rule before
     assert choose_backbone([cheap, better], prefer="cheap", n_train=10) == cheap    # 0.10 is one image in 10
-    assert choose_backbone([cheap, better], prefer="cheap", n_train=20) == better   # two images in 20
+    assert choose_backbone([cheap, better], prefer="cheap", n_train=40) == better   # four images in 40
     assert choose_backbone([cheap, better], prefer="broken", n_train=10) == better  # an unusable one is not kept
     with pytest.raises(BackboneUnavailable, match="^no weights$"):
         choose_backbone([broken])
@@ -148,10 +157,10 @@ def test_a_rebuild_keeps_the_previous_backbone_unless_another_is_clearly_better(
     data = scan_folder(tiny_hymenoptera)
     first = auto_build
     scores = {c.backbone: c.cv_accuracy for c in first.candidates}
-    one_image = 1 / first.n_train
+    margin = max(1 / first.n_train, standard_error(max(scores.values()), first.n_train))
     for name, score in scores.items():
         again = train(data, TrainConfig(augment="none", prefer=name))
-        clearly_better = max(scores.values()) - score > one_image + 1e-9
+        clearly_better = max(scores.values()) - score > margin + 1e-9
         assert (again.backbone == name) != clearly_better, (name, scores)
 
 

@@ -3,8 +3,10 @@
 Access: a model published for a demo link (store.set_published) is open to anyone; every other
 model needs an API key from `nanostream keys create`, sent as `Authorization: Bearer <key>`.
 Images arrive as multipart uploads or as URLs fetched by the safe downloader; handlers decode
-and prepare them in the thread pool, and concurrent requests for one model share forward
-passes through a MicroBatcher. Every refusal is JSON `{"error": "..."}` with a 4xx status.
+and prepare them in the thread pool, and concurrent requests share forward passes through a
+MicroBatcher, across every model on one frozen backbone (service.py). Each prediction says
+whether the photo is unlike the model's own photos (`unknown`). Every refusal is JSON
+`{"error": "..."}` with a 4xx status.
 
 Hostile callers are bounded three ways. Callers without a key get a token bucket per address
 (429 with Retry-After once it is empty). A request's images may decode to at most
@@ -19,8 +21,8 @@ import math
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -37,15 +39,19 @@ from .schemas import (ERRORS, KEY_OPTIONAL, PREDICT_ERRORS, ApiError, ModelInfo,
                       error_response, model_info, predict_body)
 from .service import ServeConfig, Service
 
+if TYPE_CHECKING:
+    from ..engine.predict import Outputs
+
 bearer = HTTPBearer(auto_error=False, description="an API key from `nanostream keys create`")
 
 
-def to_predictions(labels: list[str], probs: torch.Tensor) -> list[dict]:
-    """The same label, confidence and probs as Classifier.predict_bytes gives the CLI."""
+def to_predictions(labels: list[str], outputs: Outputs) -> list[dict]:
+    """The same label, confidence, probs and unknown flag as Classifier.predict_bytes gives the CLI."""
     out = []
-    for row in probs.tolist():
+    for row, unknown in zip(outputs.probs.tolist(), outputs.unknown.tolist()):
         best = max(range(len(row)), key=row.__getitem__)
-        out.append({"label": labels[best], "confidence": row[best], "probs": dict(zip(labels, row))})
+        out.append({"label": labels[best], "confidence": row[best], "probs": dict(zip(labels, row)),
+                    "unknown": bool(unknown)})
     return out
 
 
@@ -101,9 +107,11 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
     def healthz() -> dict:
         from ..engine.device import default_device
 
-        batches = {model_id: asdict(b.stats) for model_id, b in service.batchers().items()}
+        # by network: a frozen backbone's key (its passes serve every model on it), or a model's id
+        batches = {name: asdict(b.stats) for name, b in service.batchers().items()}
         return {"status": "ok", "version": __version__, "device": str(default_device()),
-                "batching": config.batching, "batches": batches, "decodes": asdict(service.decode_turns.load())}
+                "batching": config.batching, "batches": batches, "models_loaded": service.loaded(),
+                "decodes": asdict(service.decode_turns.load())}
 
     @app.get("/v1/models", response_model=ModelList, responses={k: ERRORS[k] for k in (401, 403)},
              openapi_extra=KEY_OPTIONAL,
@@ -139,7 +147,7 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
         items = await read_images(request, config)
         async with service.decode_turns.turn(client):
             loaded, x = await run_in_threadpool(load_and_prepare, service, model_id, path, items)
-        probs = await loaded.probabilities(x)
-        return {"predictions": to_predictions(loaded.classifier.labels, probs)}
+        outputs = await loaded.outputs(x)
+        return {"predictions": to_predictions(loaded.classifier.labels, outputs)}
 
     return app

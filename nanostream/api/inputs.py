@@ -131,7 +131,8 @@ def load_and_prepare(service: Service, model_id: str, path: Path,
         loaded = service.load(path)
     except (BundleError, BackboneUnavailable) as exc:  # the server's problem, not the request's
         raise ApiError(503, f"model '{model_id}' cannot be loaded here: {exc}") from None
-    if loaded.batcher is not None and loaded.batcher.config.threads and torch.get_num_threads() != 1:
+    batcher = loaded.backbone.batcher
+    if batcher is not None and batcher.config.threads and torch.get_num_threads() != 1:
         # With batching the pool threads only decode, and the small torch ops of the last step
         # (to_tensor) cost ~1.4 ms of CPU per image on two intra-op threads, ~0.2 ms on one.
         # Without batching this thread also runs the forward pass: torch's default stays.

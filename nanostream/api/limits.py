@@ -2,23 +2,22 @@
 bucket for callers without a key, decoding in turns per client, a pixel budget per request
 and a cap on the request body.
 
-Each refusal is an ApiError (413 or 429) with a sentence saying which budget ran out.
+Each refusal is an ApiError (413 or 429) with a sentence saying which budget ran out. The
+token bucket is access.RateLimiter, shared with the app's demo page; NANOSTREAM_API_PER_MINUTE and
+NANOSTREAM_API_BURST set the budget of callers without a key (access.api_budget, documented there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import ipaddress
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Request
 from PIL import Image
 
+from ..access import RateLimiter, client_of  # noqa: F401 - RateLimiter: service.py builds the API's budget from here
 from ..store.keys import ApiKey
 from .schemas import ApiError, error_response
 
@@ -26,49 +25,11 @@ from .schemas import ApiError, error_response
 # ---------------------------------------------------------------- per-client budgets
 
 def client_id(request: Request, key: ApiKey | None) -> str:
-    """Whose budget a request spends: its key's, else its address's.
-
-    An IPv6 address counts by its /64, the block one host is usually given: a caller could
-    otherwise take a fresh address, and so a fresh budget, for every request.
-    """
+    """Whose budget a request spends: its key's, else its address's (access.client_of: an IPv6
+    address counts by its /64)."""
     if key is not None:
         return f"key {key.name}"
-    host = request.client.host if request.client else ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:  # no address: a unix socket, or the test client
-        return f"address {host or 'unknown'}"
-    if address.version == 6 and address.ipv4_mapped is not None:  # ::ffff:1.2.3.4 is the IPv4 caller 1.2.3.4
-        address = address.ipv4_mapped
-    if address.version == 6:
-        return f"address {ipaddress.ip_network(f'{address}/64', strict=False)}"
-    return f"address {address}"
-
-
-class RateLimiter:
-    """A token bucket per client: `burst` requests at once, refilled at `per_minute`.
-
-    Used from the event loop only, so it needs no lock. Past max_clients the client seen longest
-    ago is forgotten, which only gives it a full bucket back: memory stays bounded under a flood
-    of addresses.
-    """
-
-    def __init__(self, per_minute: float, burst: int, max_clients: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
-        self.per_second, self.burst = per_minute / 60, max(1, burst)
-        self.max_clients, self.clock = max_clients, clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
-
-    def wait(self, client: str) -> float:
-        """Spends a token of this client's: 0.0 if it had one, else the seconds until it will."""
-        now = self.clock()
-        tokens, at = self._buckets.pop(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.per_second)
-        admitted = tokens >= 1
-        self._buckets[client] = (tokens - 1 if admitted else tokens, now)
-        while len(self._buckets) > self.max_clients:
-            self._buckets.popitem(last=False)
-        return 0.0 if admitted else (1 - tokens) / self.per_second
+    return client_of(request.client.host if request.client else None)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ is described here by hand; tests/test_api_schema.py checks the document against 
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 UPLOAD_FIELD = "file"
 
@@ -41,6 +41,8 @@ class PredictionOut(BaseModel):
     label: str
     confidence: float
     probs: dict[str, float]
+    unknown: bool = Field(description="the photo is unlike the model's own photos: none of its classes, "
+                                      "whatever the closest label says")
 
 
 class PredictResponse(BaseModel):

@@ -1,7 +1,9 @@
 """`nanostream experiment ...`: augmentation, transfer and learning-curve experiments on a DATA folder.
 
 Each prints a table, writes a PNG chart (--chart, default <--out-dir>/<experiment>.png) and, with
---json, ends stdout with one JSON line: {"arms": [...]} or {"points": [...], ...}.
+--json, ends stdout with one JSON line: {"arms": [...]} or {"points": [...], ...}. Each arm lists
+every seed's accuracy, its distinct_runs (seeds that trained on the same photos and views count once)
+and the mean and std over those (std null for one distinct run: no spread was measured).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def register(sub, command) -> None:
     def experiment(name, func, help_text):
         q = kind(name, func, help_text)
         q.add_argument("data", help="DATA/<class>/* or DATA/train/<class>/* + DATA/val/<class>/*")
-        q.add_argument("--seeds", type=int, help="repeats with different training images (default 5)")
+        q.add_argument("--seeds", type=int, help="repeats, each with its own augmented views and, when there are more "
+                       "photos than --per-class, its own training images (default 5)")
         q.add_argument("--per-class", type=int, help="cap on training images per class")
         q.add_argument("--backbone", help="a name from `nanostream backbones`, or auto (default efficientnet_lite0)")
         q.add_argument("--views", type=int, help="augmented views per image, every arm (default 4)")

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..process import keep_freed_memory
+from ..runners import ADDRESS_ENV, RUNNERS, local_node
 from .common import StageBars, UserError, check_writable, checked_model, emit, subcommands
 
 
@@ -48,15 +49,42 @@ def cmd_train(args) -> None:
     config = TrainConfig(backbone=args.backbone, augment=args.augment, fill=args.fill, views=args.views,
                          mode=args.mode, seed=args.seed)
     config.policy()  # an unknown policy or fill fails here, before any work
-    with (Store() if "project" in source else contextlib.nullcontext()) as store:  # a folder needs no store
-        summary = build_project(config, **source, store=store, out=args.out, on_progress=StageBars(not args.quiet))
-    emit(args, _train_text(summary), summary.to_dict())
+    bars = StageBars(not args.quiet)
+    if args.runner == "ray":
+        summary, node = _train_on_cluster(config, source, args.out, bars)
+    else:
+        with (Store() if "project" in source else contextlib.nullcontext()) as store:  # a folder needs no store
+            summary = build_project(config, **source, store=store, out=args.out, on_progress=bars)
+        node = local_node()
+    emit(args, f"{_train_text(summary)}\nran on {node} ({args.runner} runner)",
+         {**summary.to_dict(), "runner": args.runner, "node": node})
+
+
+def _train_on_cluster(config, source: dict, out: str | None, bars: StageBars):
+    """The build as one Ray task (runners/cluster.py): (BuildSummary, the Ray node that ran it)."""
+    from dataclasses import asdict, replace
+
+    from ..engine.models import copy_out
+    from ..flows.build import BuildSummary
+    from ..runners import cluster
+    from ..store.db import Store
+    from ..worker import WORK
+
+    if "folder" in source:
+        return cluster.build_folder(config, source["folder"], out, bars)
+    with Store() as store:
+        result = cluster.run_job(store, source["project"], "build", {"config": asdict(config)}, WORK["build"],
+                                 lambda stage, done, total, _message: bars(stage, done, total), lambda: False)
+    summary = BuildSummary.from_dict(result)
+    return (replace(summary, path=str(copy_out(summary.model_id, out))) if out else summary), result["node"]
 
 
 def _train_text(summary) -> str:
+    from ..flows.build import accuracy_in_words
+
     lines = [f"model {summary.model_id} -> {summary.path}",
-             f"backbone {summary.backbone} ({summary.mode}), accuracy {summary.accuracy:.3f} "
-             f"on {summary.n_val} validation images, {summary.n_train} training, {summary.seconds:.1f}s"]
+             f"backbone {summary.backbone} ({summary.mode}), accuracy {accuracy_in_words(summary)}; "
+             f"{summary.n_train} training photos, {summary.seconds:.1f}s"]
     for c in summary.candidates:
         score = "unavailable: " + c.error if c.error else (
             f"cv accuracy {c.cv_accuracy:.3f}" if c.cv_accuracy is not None else "chosen")
@@ -77,7 +105,9 @@ def cmd_predict(args) -> None:
     for p in predictions:  # one line each on stderr ("page.jpg: not an image (HTML)"); the others go on
         if p.error:
             print(f"error: {p.file}: {p.error}", file=sys.stderr)
-    text = "\n".join(f"{p.file}: {p.label} ({p.confidence:.3f})" for p in predictions if not p.error)
+    text = "\n".join(f"{p.file}: {p.label} ({p.confidence:.3f})" + (", but unlike its photos: none of these"
+                                                                      if p.unknown else "")
+                     for p in predictions if not p.error)
     emit(args, "" if args.json else text, [p.to_dict() for p in predictions])
     if all(p.error for p in predictions):
         sys.exit(2)
@@ -172,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="fast", choices=["fast", "finetune", "auto"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--runner", default="local", choices=RUNNERS,
+                   help=f"local: this machine (default); ray: a task on the Ray cluster at {ADDRESS_ENV} "
+                        f"(unset: a Ray started here)")
 
     p = command("predict", cmd_predict, "classify images with a model bundle or model_id")
     p.add_argument("model")
@@ -203,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.backbone_specs import BackboneUnavailable  # not .backbones: no torch before a command needs it
     from ..engine.bundle import BundleError
     from ..engine.data import DataError
+    from ..runners.cluster import ClusterError
 
     try:
         args.func(args)
-    except (UserError, DataError, BundleError, BackboneUnavailable, ValueError, OSError) as exc:
+    except (UserError, DataError, BundleError, BackboneUnavailable, ValueError, OSError, ClusterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except InterruptedError:

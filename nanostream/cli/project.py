@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 from ..flows.collect import DEFAULT_PER_CATEGORY
+from ..sources.providers import AUTO, SOURCES
+from ..store.db import ATTRIBUTION_FILE
+from ..store.licenses import DEFAULT_FILTER, LICENSE_FILTERS
 from .common import StageBars, UserError, emit, subcommands
 
 
@@ -109,7 +112,8 @@ def cmd_images_search(args) -> None:
         project = store.get_project(args.project).name
         try:
             summary = search_project(store, project, args.category, args.per_category, args.terms or "",
-                                     on_progress=StageBars(not args.quiet))
+                                     on_progress=StageBars(not args.quiet), source=args.source,
+                                     license=args.license)
         except NothingToSearch:
             raise UserError(f"project '{project}' has no categories to search; "
                             f"add some with `nanostream project categories {project} --add NAME`") from None
@@ -127,6 +131,7 @@ def _search_text(summary) -> str:
         lines.append(f"{c.name}: {_plural(len(c.added), 'new image')} from {c.found} found"
                      f" ({len(c.duplicates)} already in the project, {len(c.failed)} failed);"
                      f" now {summary.counts.get(c.name, 0)}")
+        lines += [f"  {_source_line(u)}" for u in c.sources]
         lines += [f"  failed {clip_input(f.url)}: {f.reason}" for f in c.failed]  # a URL is the engine's input
         lines += [f"  {e}" for e in c.errors]
     if summary.stopped_by is not None:
@@ -136,6 +141,18 @@ def _search_text(summary) -> str:
                      + (f"; not searched: {', '.join(skipped)}" if skipped else "")
                      + ". Wait a few minutes, then search again (finished queries are cached).")
     return "\n".join(lines)
+
+
+def _source_line(use) -> str:
+    """One source's part in a category's search (flows.collect.SourceUse) in words."""
+    from ..sources.addresses import clip_input
+
+    if use.status == "not asked":
+        return f"{use.name}: {use.message}"
+    text = f"{use.name}: {use.status}, {_plural(use.found, 'image')}"
+    if use.unlicensed:
+        text += f" ({use.unlicensed} more left out by the licence filter)"
+    return text + "".join(f"; skipped {clip_input(s.url)}: {s.reason}" for s in use.skipped)
 
 
 class _GrowingBar:
@@ -193,7 +210,8 @@ def _image_row(record) -> dict:
     p = record.provenance
     return {"id": record.id, "category": record.category, "hash": record.content_hash, "source": p.source,
             "query": p.query, "page_url": p.page_url, "image_url": p.image_url, "original_name": p.original_name,
-            "width": p.width, "height": p.height, "added_at": record.added_at}
+            "width": p.width, "height": p.height, "added_at": record.added_at, "provider": p.provider,
+            "title": p.title, "creator": p.creator, "license": p.license, "license_url": p.license_url}
 
 
 def cmd_images_list(args) -> None:
@@ -235,9 +253,10 @@ def cmd_export_dataset(args) -> None:
         project = store.get_project(args.project).name
         n = store.export_dataset(project, directory)
         counts = store.counts(project)
-    emit(args, f"exported {_plural(n, 'image')} of '{project}' to {directory}/<category>/ "
-                f"(train with `nanostream train {directory}`)",
-          {"project": project, "dir": str(directory), "images": n, "counts": counts})
+    emit(args, f"exported {_plural(n, 'image')} of '{project}' to {directory}/<category>/, credits in "
+                f"{directory / ATTRIBUTION_FILE} (train with `nanostream train {directory}`)",
+          {"project": project, "dir": str(directory), "images": n, "counts": counts,
+           "attribution": str(directory / ATTRIBUTION_FILE)})
 
 
 # ---------------------------------------------------------------- parser
@@ -270,6 +289,10 @@ def register(sub, command) -> None:
                    help=f"images to look for per category (default {DEFAULT_PER_CATEGORY})")
     p.add_argument("--terms", help='extra words for every category, comma-separated variants: "photo,close-up"')
     p.add_argument("--category", action="append", help="search only this category (repeatable)")
+    p.add_argument("--source", choices=SOURCES, default=AUTO,
+                   help="where to search (default auto: Openverse, then Wikimedia Commons, then DuckDuckGo)")
+    p.add_argument("--license", choices=list(LICENSE_FILTERS), default=DEFAULT_FILTER,
+                   help="; ".join(f"{k}: {v}" for k, v in LICENSE_FILTERS.items()) + f" (default {DEFAULT_FILTER})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = images("add", cmd_images_add, "add image files, folders, .zip archives or .txt URL lists to a category")
     p.add_argument("project")
@@ -287,6 +310,7 @@ def register(sub, command) -> None:
     p.add_argument("--top", type=int, default=5, help="lines per category in the text output (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = command("export-dataset", cmd_export_dataset, "copy a project to DIR/<category>/*.jpg")
+    p = command("export-dataset", cmd_export_dataset, "copy a project to DIR/<category>/*.jpg, credits in "
+                                                      f"DIR/{ATTRIBUTION_FILE}")
     p.add_argument("project")
     p.add_argument("dir")

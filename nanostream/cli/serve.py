@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -20,9 +21,10 @@ def cmd_serve(args) -> None:
             pass
     except OSError as exc:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    config = ServeConfig(batching=not args.no_batching)
-    print(f"serving on http://{args.host}:{args.port} (API docs at /docs), "
-          f"batching {'on' if config.batching else 'off'}", flush=True)
+    config = ServeConfig(batching=not args.no_batching, share_backbones=not args.per_model_batching)
+    batching = ("off" if not config.batching else "per model" if not config.share_backbones
+                else "on, across models that share a backbone")
+    print(f"serving on http://{args.host}:{args.port} (API docs at /docs), batching {batching}", flush=True)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
 
 
@@ -89,15 +91,22 @@ def set_published(ref: str, published: bool):
 
 
 def cmd_publish(args) -> None:
+    """Prints the project's stable demo link (with NANOSTREAM_PUBLIC_URL in front where set) above
+    the version's own path, which stays alone on the last line (scripts read it)."""
     done = set_published(args.model, True)
     closed = f"; unpublished {', '.join(done.unpublished)} (one published version per project)" if done.unpublished else ""
+    base = os.environ.get("NANOSTREAM_PUBLIC_URL", "").strip().rstrip("/")
+    stable = base + done.project_demo_path if done.project_demo_path else None
     payload = {"model_id": done.model_id, "published": True, "demo": done.demo_path,
-               "unpublished": list(done.unpublished)}
+               "project_demo": stable, "unpublished": list(done.unpublished)}
     if args.json:
         emit(args, f"published {done.model_id}: anyone may use it without an API key{closed}", payload)
-    else:
-        print(f"published {done.model_id}: anyone may use it without an API key{closed}; demo page:")
-        print(done.demo_path)
+        return
+    print(f"published {done.model_id}: anyone may use it without an API key{closed}")
+    if stable:
+        print(f"project demo link (always the published version): {stable}")
+    print("this version's demo page:")
+    print(done.demo_path)
 
 
 def cmd_unpublish(args) -> None:
@@ -113,6 +122,9 @@ def register(sub, command) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-batching", action="store_true",
                    help="one forward pass per request (the benchmark's baseline)")
+    p.add_argument("--per-model-batching", action="store_true",
+                   help="batch each model's requests apart, not across models on one backbone "
+                        "(the many-models benchmark's baseline)")
 
     key_command = subcommands(command("keys", None, "API keys: create, list, revoke"), "keys_command")
     key_command("create", cmd_keys_create, "create a key; it is printed once, alone on the last line") \
@@ -125,7 +137,8 @@ def register(sub, command) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, help="output file; labels go to the same name with .labels.json")
 
-    p = command("publish", cmd_publish, "open a model to anyone (no API key); prints its demo path last")
+    p = command("publish", cmd_publish, "open a model to anyone (no API key); prints its project's demo link, "
+                                        "and its own demo path last")
     p.add_argument("model", help="model_id, or a bundle file: registered under the id its bytes give")
     p = command("unpublish", cmd_unpublish, "require an API key for a model again")
     p.add_argument("model", help="model_id or bundle path")

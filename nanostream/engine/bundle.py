@@ -188,6 +188,17 @@ def _check_meta(meta) -> None:
         _require(meta, key, (str, type(None)), "a string", optional=True)
     _require(meta, "preprocessing", (dict, type(None)), "an object", optional=True)
     _require(meta, "config", (dict,), "an object", optional=True)  # models made before it was saved have none
+    _require(meta, "licenses", (dict,), "an object", optional=True)  # the training photos' licences (older: none)
+    _require(meta, "credits", (list,), "a list", optional=True)
+    # Models made before calibration and the unknown check have neither: temperature 1, never unknown.
+    calibration = _require(meta, "calibration", (dict, type(None)), "an object", optional=True)
+    if calibration is not None:
+        temperature = _require(calibration, "temperature", (int, float), "a number")
+        if not 0 < temperature < math.inf:
+            raise BundleError(f"damaged model file: its temperature {temperature} is not a positive number")
+    unknown = _require(meta, "unknown", (dict,), "an object", optional=True)
+    if unknown is not None:
+        _require(unknown, "threshold", (int, float), "a number")
 
 
 def _check_labels(labels: list) -> None:
@@ -236,11 +247,29 @@ def _check_shapes(meta: dict, tensors: dict[str, TensorInfo]) -> None:
             raise BundleError(f"damaged model file: '{name}' is {' x '.join(map(str, info.shape)) or 'a scalar'} "
                               f"{info.dtype}, but {classes} labels on {spec.name}'s {width} features need "
                               f"{' x '.join(map(str, shape))} floats")
+    _check_reference(meta, tensors, width)
     stages = tuple(f"backbone.body.{stage}." for stage in spec.finetune)
     for name in tensors:
-        if name not in expected and not name.startswith(stages):
+        if name not in expected and name not in _REFERENCE and not name.startswith(stages):
             raise BundleError(f"damaged model file: tensor {_shown(name)} is neither the head's nor one of "
                               f"{spec.name}'s fine-tuned stages")
+
+
+_REFERENCE = ("unknown.reference", "unknown.targets")
+
+
+def _check_reference(meta: dict, tensors: dict[str, TensorInfo], width: int) -> None:
+    """The unknown check's training features: both tensors or neither, M rows of the backbone's width."""
+    reference, targets = (tensors.get(name) for name in _REFERENCE)
+    if reference is None and targets is None:
+        return
+    if reference is None or targets is None or "unknown" not in meta:
+        raise BundleError("damaged model file: its unknown check is incomplete")
+    rows = reference.shape[0] if len(reference.shape) == 2 else -1
+    if reference.shape != (rows, width) or reference.dtype not in _FLOATS or targets.shape != (rows,) \
+            or targets.dtype not in ("I64", "I32"):
+        raise BundleError(f"damaged model file: its unknown check's tensors are not {width}-wide features "
+                          f"with one class each")
 
 
 def _first_line(exc: Exception) -> str:

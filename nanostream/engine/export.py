@@ -1,7 +1,9 @@
 """Export a model as one self-contained network for other runtimes: ONNX or TorchScript.
 
 The exported network is Classifier.module(): images (N, 3, S, S) float32 in [0, 1], RGB ->
-class probabilities (N, classes), with the backbone's normalisation inside and any batch size.
+calibrated class probabilities (N, classes), with the backbone's normalisation and the model's
+temperature inside and any batch size, so other runtimes say the same confidence as predict.
+The "none of these" check (predict.Outputs.unknown) is not in the graph: the labels file says so.
 Beside it, <out>.labels.json holds the labels and the exact preprocessing, so an ONNX Runtime
 or mobile app can prepare images as Classifier.prepare does.
 """
@@ -50,7 +52,10 @@ def describe(classifier, fmt: str) -> dict:
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32",
                   "layout": "NCHW", "color": "RGB", "range": [0.0, 1.0]},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classifier.labels)], "dtype": "float32",
-                   "meaning": "softmax probabilities, in the order of labels"},
+                   "meaning": "calibrated softmax probabilities (softmax(logits / temperature)), "
+                              "in the order of labels"},
+        "temperature": classifier.temperature,
+        "unknown_check": "not exported: NanoStream's predict and API say when a photo is unlike the model's own",
         "preprocessing": {
             **spec.preprocessing(),  # input_size, resize_size, interpolation, mean, std
             "decode": "RGB, EXIF orientation applied (PIL ImageOps.exif_transpose)",

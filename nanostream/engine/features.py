@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,18 +22,19 @@ import numpy as np
 import torch
 
 from .. import paths
-from .augment import AugmentPolicy, augment_image, view_seed
-from .backbones import get_spec, prepare_image, weights_fingerprint
+from .augment import AugmentPolicy
+from .backbones import get_spec, weights_fingerprint
 from .device import default_device, precision
+from .feature_chunks import BATCH_SIZE, chunk_rows, rows_on_cluster
 from .inference import inference_backbone
 from ..store.records import content_hash
-from .images import BadImage, decode_image
 
-# 8 images per forward pass: on the CPU 6-12 cost the least per image; from 16 the activations
-# outgrow the caches (efficientnet_lite1: 7.3 ms per image at 8, 8.8 at 16, 9.3 at 2).
-BATCH_SIZE = 8
 # Worker threads, each with its share of torch's intra-op threads.
 WORKERS = 2
+# On a Ray cluster (on_cluster), an extraction with at least this many images to compute goes to
+# the cluster in chunks (feature_chunks.py): below it, a task's start and the backbone it loads
+# (~1 s each) cost more than the cores it adds.
+CLUSTER_MIN_IMAGES = 64
 
 # Bumped whenever features of the same image change: v2 folds BatchNorm and casts the weights to
 # bf16 (v1 used autocast); v3 resizes with torch's uint8 kernels instead of PIL's.
@@ -154,6 +156,18 @@ def _balanced_chunks(items: list[int], rows: list[int]) -> list[list[int]]:
     return chunks
 
 
+def _missing(result: _Rows) -> list[int]:
+    """The views of a source whose rows are still to compute (0: the image itself)."""
+    return [v for v, row in enumerate(result.rows) if row is None]
+
+
+def on_cluster() -> bool:
+    """This process is connected to a Ray cluster (a ray runner's task or driver): large
+    extractions are spread over it. Never imports Ray: a process that did not is not connected."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: AugmentPolicy | None = None,
                      views: int = 0, device: torch.device | None = None, cache: FeatureCache | None = None,
                      on_progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
@@ -200,34 +214,22 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
 
     def compute(chunk: list[int]) -> int:  # on a worker thread; returns how many images it finished
         torch.set_num_threads(threads)
-        work = []
-        for i in chunk:
-            result = results[i]
-            try:
-                image = prepare_image(decode_image(_read(sources[i]), draft_size=spec.resize_size), spec)
-            except OSError as exc:
-                result.error = f"cannot read file: {exc.strerror or exc}"
-                continue
-            except BadImage as exc:
-                result.error = str(exc)
-                continue
-            work += [(result, v, image if v == 0 else augment_image(image, policy, view_seed(result.digest, v)))
-                     for v, row in enumerate(result.rows) if row is None]
-        for start in range(0, len(work), BATCH_SIZE):
-            batch = work[start:start + BATCH_SIZE]
-            x = torch.stack([t for _, _, t in batch]).to(device)
-            with torch.inference_mode():
-                out = model(x).float().cpu().numpy()
-            for (result, view, _), row in zip(batch, out):
-                result.rows[view] = row
-                result.computed += 1
-        for i in chunk:
-            result = results[i]
-            if not result.error:  # all rows of this image exist now: write them
-                cache.put(result.digest, backbone, mode, "original", np.stack(result.rows[:1]))
-                if views:
-                    cache.put(result.digest, backbone, mode, group, np.stack(result.rows[1:]))
+        needs = [(sources[i], results[i].digest, _missing(results[i])) for i in chunk]
+        for i, rows in zip(chunk, chunk_rows(needs, model, spec, policy, device)):
+            _finish(results[i], rows)
         return len(chunk)
+
+    def _finish(result: _Rows, rows: dict[int, np.ndarray] | str) -> None:
+        """Fill in a source's computed rows (or its error) and cache them."""
+        if isinstance(rows, str):
+            result.error = rows
+            return
+        for view, row in rows.items():
+            result.rows[view] = row
+        result.computed += len(rows)
+        cache.put(result.digest, backbone, mode, "original", np.stack(result.rows[:1]))
+        if views:
+            cache.put(result.digest, backbone, mode, group, np.stack(result.rows[1:]))
 
     results = list(_in_order(look_up, sources, WORKERS))
     missing = [i for i, result in enumerate(results) if not result.error and any(row is None for row in result.rows)]
@@ -235,10 +237,19 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     done = len(sources) - len(missing)
     if on_progress:
         on_progress(done, len(sources))
-    if missing:
+    spread = len(missing) >= CLUSTER_MIN_IMAGES and on_cluster()
+    if missing and not spread:
         model = inference_backbone(backbone, str(device), mode)  # here, not on both workers at once
     try:
-        for finished in _in_order(compute, chunks, WORKERS):
+        if spread:
+            finished_rows = rows_on_cluster([(_read(sources[i]), results[i].digest, _missing(results[i]))
+                                             for i in missing], backbone, mode, policy, should_stop)
+            for index, rows in finished_rows:  # as the cluster's chunks come back, in any order
+                _finish(results[missing[index]], rows)
+                done += 1
+                if on_progress:
+                    on_progress(done, len(sources))
+        for finished in _in_order(compute, [] if spread else chunks, WORKERS):
             if should_stop and should_stop():
                 raise InterruptedError("stopped")
             done += finished

@@ -116,23 +116,37 @@ def stratified_folds(y: torch.Tensor, n_folds: int, seed: int) -> list[torch.Ten
     return [torch.tensor(sorted(f), dtype=torch.long) for f in folds if f]
 
 
+def fold_count(y: torch.Tensor, n_classes: int, max_folds: int = 5) -> int:
+    """K of out_of_fold_logits: max_folds, fewer when the smallest class has fewer photos."""
+    return max(2, min(max_folds, int(torch.bincount(y, minlength=n_classes).min())))
+
+
 def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0,
-                       max_folds: int = 5, repeats: int = 1) -> torch.Tensor:
+                       max_folds: int = 5, repeats: int = 1, views: torch.Tensor | None = None) -> torch.Tensor:
     """(repeats, N, C) logits of fit_head's model for every photo from a fit that never saw it:
     stratified K-fold, repeated with different folds (seed, seed + 1, ...). All the folds of all
-    the repeats are fitted together (_fit_linear)."""
-    n_folds = max(2, min(max_folds, int(torch.bincount(y, minlength=n_classes).min())))
+    the repeats are fitted together (_fit_linear). With `views` (N, K, D), each fit also trains on
+    the augmented views of its training photos, as the delivered head does; a held-out photo's
+    views stay out of its fit."""
+    n_folds = fold_count(y, n_classes, max_folds)
     splits = [stratified_folds(y, n_folds, seed + r) for r in range(repeats)]
     x = x.float()
-    fit_rows = torch.ones(sum(len(f) for f in splits), len(y), dtype=torch.bool)
+    owner = torch.arange(len(y))  # the photo each training row comes from
+    rows_x, rows_y = x, y
+    if views is not None and views.shape[1]:
+        rows_x = torch.cat([x, views.float().reshape(-1, x.shape[1])])
+        owner = torch.cat([owner, owner.repeat_interleave(views.shape[1])])
+        rows_y = y[owner]
     held_out = [held for folds in splits for held in folds]
+    fit_rows = torch.ones(len(held_out), len(owner), dtype=torch.bool)
     for p, held in enumerate(held_out):
-        fit_rows[p, held] = False
-    z = torch.stack([(x - x[rows].mean(0)) / (x[rows].std(0, unbiased=False) + 1e-6) for rows in fit_rows])
-    sample_weight = torch.stack([_balanced(y, n_classes, rows) for rows in fit_rows])
-    weight, bias = _fit_linear(z, F.one_hot(y, n_classes).float(), sample_weight, WEIGHT_DECAY)
+        fit_rows[p] = ~torch.isin(owner, held)
+    z = torch.stack([(rows_x - rows_x[rows].mean(0)) / (rows_x[rows].std(0, unbiased=False) + 1e-6)
+                     for rows in fit_rows])
+    sample_weight = torch.stack([_balanced(rows_y, n_classes, rows) for rows in fit_rows])
+    weight, bias = _fit_linear(z, F.one_hot(rows_y, n_classes).float(), sample_weight, WEIGHT_DECAY)
     with torch.no_grad():
-        logits = torch.baddbmm(bias, z, weight.transpose(1, 2))  # (problems, N, C)
+        logits = torch.baddbmm(bias, z[:, :len(y)], weight.transpose(1, 2))  # (problems, N, C): originals
     out = torch.empty(repeats, len(y), n_classes)
     p = 0
     for r, folds in enumerate(splits):

@@ -1,6 +1,9 @@
-"""Classification metrics: accuracy, per-class precision and recall, confusion, hardest examples."""
+"""Classification metrics: accuracy with its interval, per-class precision and recall, confusion, hardest examples."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -37,3 +40,38 @@ def classification_report(probs: torch.Tensor, y: torch.Tensor, labels: list[str
              "confidence": float(probs[i].max()), "loss": float(loss[i])}
             for i in order.tolist()]
     return report
+
+
+# The normal quantile of a two-sided 95% interval (scipy.stats.norm.ppf(0.975)).
+Z_95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The headline accuracy and where it was measured, with its 95% Wilson interval."""
+    accuracy: float
+    low: float
+    high: float
+    n: int                      # photos it was measured on
+    kind: str                   # "val": the val/ photos; "cross-validation": every photo, each held out once
+    repeats: int = 1            # cross-validation rounds, each with other folds (their probabilities averaged)
+
+    def covers(self, accuracy: float) -> bool:
+        return self.low - 1e-9 <= accuracy <= self.high + 1e-9
+
+
+def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion (correct of n): unlike accuracy +- 2 SE, it stays
+    inside [0, 1] and is not zero-wide at 100% (Brown, Cai & DasGupta 2001 recommend it for small n)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def estimate(predicted: torch.Tensor, y: torch.Tensor, kind: str, repeats: int = 1) -> Estimate:
+    correct, n = int((predicted == y).sum()), len(y)
+    low, high = wilson_interval(correct, n)
+    return Estimate(correct / n if n else 0.0, round(low, 4), round(high, 4), n, kind, repeats)

@@ -176,8 +176,10 @@ def delete_model(name: str) -> Deleted:
     return Deleted(name, tuple(files), forgotten)
 
 
-def save_trained(result, out: str | Path | None = None, project: str | None = None) -> tuple[str, Path]:
-    """Register a train.TrainResult as a bundle; returns (model_id, path). Also copied to `out`."""
+def save_trained(result, out: str | Path | None = None, project: str | None = None,
+                 credits: dict | None = None) -> tuple[str, Path]:
+    """Register a train.TrainResult as a bundle; returns (model_id, path). Also copied to `out`.
+    credits: the training photos' "licenses" and "credits" (store.licenses.bundle_credits)."""
     import datetime
     from dataclasses import asdict
 
@@ -202,6 +204,9 @@ def save_trained(result, out: str | Path | None = None, project: str | None = No
         "mode": result.mode,
         "precision": result.precision,
         "metrics": result.metrics,
+        # The headline's interval and where it was measured; the temperature every predict path applies
+        "estimate": asdict(result.estimate) if result.estimate else None,
+        "calibration": result.calibration.to_dict() if result.calibration else None,
         "finetune_metrics": result.finetune_metrics,
         "candidates": [asdict(c) for c in result.candidates],
         "n_train": result.n_train,
@@ -212,8 +217,12 @@ def save_trained(result, out: str | Path | None = None, project: str | None = No
                      "torchvision": torchvision.__version__, "timm": timm.__version__},
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    meta.update(credits or {})  # a model says what its photos allow (the Share and Demo pages show it)
     tensors = {f"head.{k}": v for k, v in result.head.state_dict().items()}
     tensors.update({f"backbone.{k}": v for k, v in (result.finetuned or {}).items()})
+    if result.unknown is not None:  # "none of these": its threshold and reference photos' features
+        meta["unknown"] = result.unknown.to_meta()
+        tensors.update(result.unknown.to_tensors())
     path = save_bundle(model_path(model_id), meta, tensors)
     if out is not None:
         copy_out(model_id, out)

@@ -1,11 +1,28 @@
-"""Load a model bundle and classify images with it; the bundle alone is enough."""
+"""Load a model bundle and classify images with it; the bundle alone is enough.
+
+The contract the API's one-server-for-many-models builds on (kept stable):
+  - Classifier.backbone_key: str | None. Equal for models whose frozen backbone is identical
+    (name, weights fingerprint, precision, device); None for a model with its own fine-tuned network.
+  - Frozen backbones come from one process-wide cache keyed by backbone_key (shared_backbone), and
+    so do their TorchScript traces (Classifier.traced): 64 fast-mode models on one backbone hold ONE
+    prepared copy, and loading one more costs its head, not a backbone.
+  - Classifier.features(x) -> (N, D) float32 features on the CPU: the backbone's forward of a prepared
+    batch (Classifier.prepare), the same for every model with this backbone_key.
+  - Classifier.outputs(features) -> Outputs(probs (N, C) calibrated, unknown (N,) bool): this model's
+    head, temperature and "none of these" check on those features.
+  - Classifier.probabilities(x) == outputs(features(x)).probs.
+A model made before calibration or the unknown check loads with temperature 1 and never says
+unknown (logged once when it loads).
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
 import logging
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +37,7 @@ from .head import Head
 from .images import BadImage, decode_image
 from .inference import for_inference, inference_backbone
 from .models import resolve_model
+from .unknown import UnknownDetector, from_bundle
 
 BATCH_SIZE = 16
 TRACE_RTOL = 1e-5  # fp32 features from other kernels (or summation orders) differ by ~1e-7 relative
@@ -34,23 +52,55 @@ class Prediction:
     confidence: float | None
     probs: dict[str, float] = field(default_factory=dict)
     error: str | None = None    # set, and the rest empty, when this one image could not be read
+    unknown: bool = False       # unlike the model's own photos: "none of these" (label is still the closest)
 
     def to_dict(self) -> dict:
-        out = {"file": self.file, "label": self.label, "confidence": self.confidence, "probs": self.probs}
+        out = {"file": self.file, "label": self.label, "confidence": self.confidence, "probs": self.probs,
+               "unknown": self.unknown}
         if self.error:
             out["error"] = self.error
         return out
 
 
-class ClassifierModel(nn.Module):
-    """Images (N, 3, S, S) in [0, 1] -> class probabilities: the whole model, for export too."""
+@dataclass(frozen=True)
+class Outputs:
+    """What one model says about a batch of features (Classifier.outputs), on the CPU."""
+    probs: torch.Tensor         # (N, C): calibrated, softmax(head(features) / temperature)
+    unknown: torch.Tensor       # (N,) bool: unlike the model's own photos (always False for old models)
 
-    def __init__(self, backbone: nn.Module, head: Head):
+
+class ClassifierModel(nn.Module):
+    """Images (N, 3, S, S) in [0, 1] -> calibrated class probabilities: the whole model, for export too."""
+
+    def __init__(self, backbone: nn.Module, head: Head, temperature: float = 1.0):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.register_buffer("temperature", torch.tensor(float(temperature)))  # in the exported graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.head(self.backbone(x).float()), dim=1)
+        return torch.softmax(self.head(self.backbone(x).float()) / self.temperature, dim=1)
+
+
+# The process-wide caches of frozen backbones and their traces, by backbone_key. Weak: a copy lives
+# while any Classifier holds it, and is shared by all of them.
+_shared: weakref.WeakValueDictionary[str, nn.Module] = weakref.WeakValueDictionary()
+_traced: weakref.WeakValueDictionary[str, nn.Module] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
+def frozen_backbone_key(name: str, device: torch.device, mode: str) -> str:
+    """Equal for every model that runs the registry's `name` unchanged on this device and precision."""
+    return f"{name}/{weights_fingerprint(name)}/{mode}/{device}"
+
+
+def shared_backbone(name: str, device: torch.device, mode: str) -> nn.Module:
+    """The one prepared copy of a registry backbone in this process (inference.inference_backbone)."""
+    key = frozen_backbone_key(name, device, mode)
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is None:
+            found = _shared[key] = inference_backbone(name, str(device), mode)
+        return found
 
 
 class Classifier:
@@ -75,10 +125,24 @@ class Classifier:
             network.load_state_dict(changed, strict=False)
             self._finetuned = network.eval()
             self.backbone = for_inference(network, self.device, self.precision)
+            self.backbone_key: str | None = None
         else:
             self._finetuned = None  # module() takes the registry's network, loaded only if asked
-            self.backbone = inference_backbone(name, str(self.device), self.precision)
+            self.backbone = shared_backbone(name, self.device, self.precision)
+            self.backbone_key = frozen_backbone_key(name, self.device, self.precision)
         self.spec = self.backbone.spec
+        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
+        try:
+            # the ImageNet head stays with the Classifier: traced() twins' backbones no longer have it
+            head = None if changed else self.backbone.imagenet_head
+            self.detector: UnknownDetector | None = (from_bundle(meta, tensors, head, self.device)
+                                                     if head is not None else None)
+        except ValueError as exc:
+            raise BundleError(str(exc)) from None
+        missing = [what for what, absent in (("calibration (temperature 1)", "calibration" not in meta),
+                                             ("the unknown check (never unknown)", self.detector is None)) if absent]
+        if missing:
+            log.info("model %s was made before %s", self.model_id, " and ".join(missing))
 
     @property
     def model_id(self) -> str:
@@ -87,17 +151,30 @@ class Classifier:
     def module(self) -> ClassifierModel:
         """The whole model in fp32 with the backbone as trained (BatchNorm unfolded), for export."""
         network = self._finetuned if self._finetuned is not None else load_backbone(self.meta["backbone"])
-        return ClassifierModel(network, self.head)
+        return ClassifierModel(network, self.head, self.temperature)
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, S, S) in [0, 1], already resized and cropped -> (N, classes) on the CPU."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) in [0, 1], already resized and cropped -> (N, D) float32 on the CPU."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(x), BATCH_SIZE):
                 batch = x[start:start + BATCH_SIZE].to(self.device)
-                features = self.backbone(batch).float()  # bf16 backbones: the head stays fp32
-                out.append(torch.softmax(self.head(features), 1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+                out.append(self.backbone(batch).float().cpu())  # bf16 backbones: the head stays fp32
+        return torch.cat(out) if out else torch.zeros(0, self.spec.feature_dim)
+
+    def outputs(self, features: torch.Tensor) -> Outputs:
+        """This model's calibrated probabilities and unknown flags for features(x) of any model
+        with the same backbone_key."""
+        with torch.inference_mode():
+            features = features.to(self.device).float()
+            probs = torch.softmax(self.head(features) / self.temperature, 1)
+            unknown = (self.detector.unknown(features, probs.argmax(1)) if self.detector is not None
+                       else torch.zeros(len(features), dtype=torch.bool))
+        return Outputs(probs.cpu(), unknown.cpu())
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) in [0, 1], already resized and cropped -> calibrated (N, classes) on the CPU."""
+        return self.outputs(self.features(x)).probs
 
     def traced(self) -> Classifier:
         """A twin whose backbone is a TorchScript trace of this one, for servers; self if it won't trace.
@@ -109,8 +186,14 @@ class Classifier:
         saves is Python: no interpreter work between the network's ~250 layers (~2-3 ms of CPU
         per pass, 8-12% of efficientnet_lite0's on the CPU), and the GIL stays released for the
         whole pass, so concurrent passes and the server's other threads do not stall each other
-        between layers.
+        between layers. Frozen backbones are traced once per backbone_key in the process.
         """
+        with _shared_lock:
+            shared = _traced.get(self.backbone_key) if self.backbone_key else None
+        if shared is not None:
+            twin = copy.copy(self)
+            twin.backbone = shared
+            return twin
         size = self.spec.input_size
         example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         example = example.to(self.device)
@@ -128,6 +211,9 @@ class Classifier:
             return self
         twin = copy.copy(self)
         twin.backbone = backbone
+        if self.backbone_key:
+            with _shared_lock:
+                twin.backbone = _traced.setdefault(self.backbone_key, backbone)
         return twin
 
     def prepare(self, data: bytes) -> torch.Tensor:
@@ -145,11 +231,15 @@ class Classifier:
             except BadImage as exc:
                 results[i] = Prediction(name, None, None, error=str(exc))
         if tensors:
-            probs = self.probabilities(torch.stack(tensors))
-            for i, row in zip(ready, probs.tolist()):
-                best = max(range(len(row)), key=row.__getitem__)
-                results[i] = Prediction(names[i], self.labels[best], row[best], dict(zip(self.labels, row)))
+            said = self.outputs(self.features(torch.stack(tensors)))
+            for i, row, unknown in zip(ready, said.probs.tolist(), said.unknown.tolist()):
+                results[i] = self.prediction(names[i], row, unknown)
         return results
+
+    def prediction(self, name: str, row: list[float], unknown: bool) -> Prediction:
+        """One image's Prediction from its row of outputs().probs and its unknown flag."""
+        best = max(range(len(row)), key=row.__getitem__)
+        return Prediction(name, self.labels[best], row[best], dict(zip(self.labels, row)), unknown=bool(unknown))
 
     def predict_files(self, files: Sequence[str | Path]) -> list[Prediction]:
         payloads, names, errors = [], [], {}

@@ -3,9 +3,12 @@
 Phases, each reported through `on_progress(stage, done, total)` and interruptible through
 `should_stop()`, so the CLI, the app's worker and the tests drive the same function:
   1. features of the training images for each candidate backbone (cached on disk)
-  2. backbone choice by cross-validated accuracy on the user's own images (choice.choose_backbone)
-  3. augmented views of the winner, head fitted on originals + views, scored on validation
+  2. backbone choice by repeated cross-validation on the user's own images (choice.choose_backbone)
+  3. augmented views of the winner; out-of-fold predictions of every training photo (views in
+     each fold's fit), from which come the temperature (calibration.py), the "none of these"
+     threshold (unknown.py) and, without val/, the headline accuracy; the head refits on all
   4. mode finetune/auto: last stages unfrozen with online augmentation; kept when it is better
+     (these compare on validation photos: split off when there is no val/)
 """
 
 from __future__ import annotations
@@ -20,15 +23,24 @@ import torch
 
 from . import backbones
 from .augment import AugmentPolicy, get_policy, with_fill
+from .calibration import Calibration, calibrate
 from .choice import Candidate, choose_backbone
 from .data import Dataset, LabeledImage, check_trainable, stratified_split
 from .device import default_device, precision
 from .features import FeatureCache, Features, extract_features
-from .head import Head, cross_val_accuracy, fit_head
-from .metrics import classification_report
+from .inference import inference_backbone
+from .head import Head, fit_head, out_of_fold_logits
+from .metrics import Estimate, classification_report, estimate
+from .unknown import UnknownDetector, fit_unknown
 
 StageProgress = Callable[[str, int, int], None]
 MODES = ("fast", "finetune", "auto")
+# Cross-validation rounds (each with other folds) for sets of up to SMALL photos: one round's
+# accuracy on 40 photos moves by a photo or two with the folds' luck; five rounds of 5 folds
+# cost ~0.1-0.3 s on these features. Larger sets get one round.
+REPEATS, SMALL = 5, 200
+# The photos "it got wrong" are all listed; this many of the least sure right ones come with them.
+UNSURE_SHOWN = 8
 
 
 @dataclass(frozen=True)
@@ -39,11 +51,13 @@ class TrainConfig:
     views: int | None = None      # offline augmented copies per image; None: the policy's own
     mode: str = "fast"            # fast: frozen backbone + head; finetune; auto: finetune if it wins
     seed: int = 0
-    val_fraction: float = 0.2     # held out when no val/ is given; the final head then refits on all
+    val_fraction: float = 0.2     # held out when no val/ is given by the fine-tune modes only (they
+                                  # compare on it); the fast path measures every photo out of fold
     finetune_epochs: int = 10     # the tutorial recipe's count; few images make epochs cheap
     prefer: str | None = None     # the previous build's backbone: kept unless another's cross-validated
                                   # accuracy is more than one image better (CV on tens of images moves
                                   # by about that between rebuilds, and a switch recomputes every view)
+    selection: str = "one-se"     # choice.choose_backbone's rule; "best" is the rule before it
 
     def policy(self) -> AugmentPolicy:
         policy = get_policy(self.augment)
@@ -63,10 +77,10 @@ class TrainResult:
     mode: str                     # the path that produced the model: "fast" or "finetune"
     head: Head
     finetuned: dict[str, torch.Tensor] | None  # backbone tensors changed by fine-tuning
-    metrics: dict                 # on the validation images
+    metrics: dict                 # where `estimate` was measured: val/ photos, or every photo out of fold
     candidates: list[Candidate]
     n_train: int
-    n_val: int
+    n_val: int                    # val/ (or split-off) photos; 0 when every photo was measured out of fold
     seconds: float
     data_fingerprint: str
     precision: str
@@ -75,6 +89,9 @@ class TrainResult:
     # extracts each feature once.
     pool_features: torch.Tensor   # (N, D)
     pool_targets: torch.Tensor    # (N,)
+    estimate: Estimate | None = None
+    calibration: Calibration | None = None
+    unknown: UnknownDetector | None = None   # None for a fine-tuned model (its features are its own)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     finetune_metrics: dict | None = None
 
@@ -128,41 +145,48 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
             pool = [pool[i] for i in feats.kept]
             feats = dataclasses.replace(feats, kept=list(range(len(pool))))
             check_trainable(labels, pool)
-            if dataset.val:
-                train_items, val_items = pool, list(dataset.val)
-            else:
-                groups = near_duplicate_groups(pool)
-                train_items, val_items = stratified_split(pool, config.val_fraction, config.seed, groups)
+            train_items, val_items = _split(dataset, pool, config)
         pool_features[name], seconds[name] = feats, time.perf_counter() - t0
-        if name == config.prefer and dataset.val:
+        if name == config.prefer and val_items:
             early_val = features_of(val_items, name, stage="validation")
     positions = {str(item.path): i for i, item in enumerate(pool)}
     train_rows = [positions[str(item.path)] for item in train_items] if train_items else []
+    y_train = _targets(train_items or [], index_of)
+    repeats = REPEATS if len(train_rows) <= SMALL else 1
     for name, feats in pool_features.items():
-        score = (cross_val_accuracy(feats.original[train_rows], _targets(train_items, index_of), len(labels),
-                                    seed=config.seed) if len(names) > 1 else None)
+        score = (_cv_score(feats.original[train_rows], y_train, len(labels), config.seed, repeats)
+                 if len(names) > 1 else None)
         candidates.append(Candidate(name, score, seconds[name], backbones.get_spec(name).gflops))
     candidates.sort(key=lambda c: names.index(c.backbone))
-    winner = choose_backbone(candidates, config.prefer, len(train_items or ())).backbone
+    winner = choose_backbone(candidates, config.prefer, len(train_items or ()), config.selection).backbone
 
-    # 3. the winner's augmented views, the head, and its validation score
+    # 3. the winner's augmented views, its out-of-fold predictions, and the head on every training photo
     made = pool_features[winner]
     if made.augmented.shape[1] == policy.views:  # views made in its candidate pass (prefer)
         original, augmented = made.original[train_rows], made.augmented[train_rows]
     else:
         made = features_of(train_items, winner, policy.views, stage="augmenting")
         original, augmented = made.original, made.augmented
-    x_train = _with_views(original, augmented)
-    y_train = _with_views_targets(_targets(train_items, index_of), augmented)
-    val_feats = (early_val if winner == config.prefer and early_val is not None
-                 else features_of(val_items, winner, stage="validation"))
-    skipped += val_feats.failed
-    val_items = [val_items[i] for i in val_feats.kept]
-    y_val = _targets(val_items, index_of)
-    head = fit_head(x_train, y_train, len(labels))
-    with torch.inference_mode():
-        probs = torch.softmax(head(val_feats.original), 1)
-    metrics = classification_report(probs, y_val, labels, [str(i.path) for i in val_items])
+    progress("cross-validating", 0, 1)
+    oof = out_of_fold_logits(original, y_train, len(labels), config.seed, repeats=repeats, views=augmented)
+    calibration = calibrate(oof, y_train)
+    oof_probs = torch.softmax(oof / calibration.temperature, 2).mean(0)
+    imagenet_head = inference_backbone(winner, str(device), precision(device)).imagenet_head
+    unknown = fit_unknown(original, y_train, oof_probs.argmax(1), imagenet_head, config.seed)
+    head = fit_head(_with_views(original, augmented), _with_views_targets(y_train, augmented), len(labels))
+    progress("cross-validating", 1, 1)
+    if val_items:
+        val_feats = (early_val if winner == config.prefer and early_val is not None
+                     else features_of(val_items, winner, stage="validation"))
+        skipped += val_feats.failed
+        val_items = [val_items[i] for i in val_feats.kept]
+        y_val = _targets(val_items, index_of)
+        with torch.inference_mode():
+            probs = torch.softmax(head(val_feats.original) / calibration.temperature, 1)
+        measured, kind = (val_items, y_val, probs), "val"
+    else:
+        measured, kind = (train_items, y_train, oof_probs), "cross-validation"
+    metrics, headline = _report(*measured, labels, kind, repeats if kind != "val" else 1)
 
     # 4. fine-tune path
     mode, finetuned, finetune_metrics = "fast", None, None
@@ -170,28 +194,56 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
         from .finetune import finetune_backbone
 
         finetuned, ft_head, ft_probs = finetune_backbone(
-            winner, train_items, _targets(train_items, index_of), val_items, head, policy,
+            winner, train_items, y_train, val_items, head, policy,
             epochs=config.finetune_epochs, seed=config.seed, device=device,
             on_progress=lambda d, t: progress("fine-tuning", d, t), should_stop=should_stop)
-        finetune_metrics = classification_report(ft_probs, y_val, labels, [str(i.path) for i in val_items])
+        finetune_metrics, ft_estimate = _report(val_items, y_val, ft_probs, labels, "val", 1)
         if config.mode == "finetune" or finetune_metrics["accuracy"] > metrics["accuracy"]:
-            mode, head, metrics = "finetune", ft_head, finetune_metrics
+            # Its own features: calibrated on the validation photos, no unknown check
+            mode, head, metrics, headline, unknown = "finetune", ft_head, finetune_metrics, ft_estimate, None
+            calibration = calibrate(ft_probs.clamp(min=1e-12).log()[None], y_val)
         else:
             finetuned = None
 
-    # The split-off validation images were only for measuring: the delivered head sees them too.
+    # Photos split off for the fine-tune comparison were only for measuring: the delivered head sees them too.
     if mode == "fast" and not dataset.val and val_items:
         val_aug = features_of(val_items, winner, policy.views, stage="augmenting").augmented
-        x_all = torch.cat([x_train, _with_views(val_feats.original, val_aug)])
-        y_all = torch.cat([y_train, _with_views_targets(y_val, val_aug)])
+        x_all = torch.cat([_with_views(original, augmented), _with_views(val_feats.original, val_aug)])
+        y_all = torch.cat([_with_views_targets(y_train, augmented), _with_views_targets(y_val, val_aug)])
         head = fit_head(x_all, y_all, len(labels))
 
     return TrainResult(
         labels=labels, config=config, backbone=winner, policy=policy, mode=mode, head=head, finetuned=finetuned,
-        metrics=metrics, candidates=candidates, n_train=len(train_items), n_val=len(val_items),
+        metrics=metrics, candidates=candidates, n_train=len(train_items), n_val=len(val_items or ()),
         seconds=time.perf_counter() - started, data_fingerprint=_fingerprint(pool_features[winner], pool),
         precision=precision(device), pool_features=pool_features[winner].original,
-        pool_targets=_targets(pool, index_of), skipped=skipped, finetune_metrics=finetune_metrics)
+        pool_targets=_targets(pool, index_of), estimate=headline, calibration=calibration, unknown=unknown,
+        skipped=skipped, finetune_metrics=finetune_metrics)
+
+
+def _split(dataset: Dataset, pool: list[LabeledImage], config: TrainConfig) -> tuple[list, list]:
+    """(training photos, validation photos): val/ when given; else every photo trains and is measured
+    out of fold, except for the fine-tune modes, which compare on photos split off."""
+    if dataset.val:
+        return pool, list(dataset.val)
+    if config.mode == "fast":
+        return pool, []
+    return stratified_split(pool, config.val_fraction, config.seed, near_duplicate_groups(pool))
+
+
+def _cv_score(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, repeats: int) -> float:
+    """Mean accuracy over `repeats` rounds of stratified K-fold (out_of_fold_logits)."""
+    predicted = out_of_fold_logits(x, y, n_classes, seed, repeats=repeats).argmax(2)
+    return float((predicted == y).float().mean())
+
+
+def _report(items: list[LabeledImage], y: torch.Tensor, probs: torch.Tensor, labels: tuple[str, ...],
+            kind: str, repeats: int) -> tuple[dict, Estimate]:
+    """classification_report with every wrong photo and the UNSURE_SHOWN least sure right ones, and
+    the Estimate of its accuracy."""
+    wrong = int((probs.argmax(1) != y).sum())
+    metrics = classification_report(probs, y, labels, [str(i.path) for i in items], n_hardest=wrong + UNSURE_SHOWN)
+    return metrics, estimate(probs.argmax(1), y, kind, repeats)
 
 
 def near_duplicate_groups(items: list[LabeledImage]) -> dict[str, str]:

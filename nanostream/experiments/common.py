@@ -8,6 +8,9 @@ arms over five seeds cost one feature pass per policy, not sixty trainings. Spli
   - DATA without val/: the seed makes a stratified split (test_fraction held out per class),
     then picks training images from the rest.
 `per_class` caps training images per class. Same seed, same data: the same numbers.
+Each seed draws its own augmented views (Run.seed_views), so seeds that train on the same photos
+are still different runs; seeds whose runs are the same (no augmentation, a fixed val/ and every
+training photo used) count once in an arm's mean and spread.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,7 +29,7 @@ from .. import charts
 from ..engine import backbones
 from ..engine.augment import AugmentPolicy
 from ..engine.choice import Candidate, choose_backbone
-from ..engine.curve import FeatureTable, Split, make_splits, seed_std
+from ..engine.curve import FeatureTable, Split, make_splits
 from ..engine.data import Dataset, DataError, check_trainable
 from ..engine.device import default_device
 from ..engine.features import FeatureCache, extract_features
@@ -44,23 +49,61 @@ class ExperimentConfig:
 
 # ---------------------------------------------------------------- results
 
-@dataclass
+@dataclass(frozen=True)
 class Arm:
-    """One arm of an experiment: accuracy on the test images for each seed."""
+    """One arm of an experiment: accuracy on the test images for each seed, and what each seed's
+    run was (run_key): heads are deterministic, so two seeds with the same key measured one thing."""
     name: str
-    accuracies: list[float]
+    accuracies: tuple[float, ...]
+    runs: tuple[Hashable, ...]     # per seed, parallel to accuracies
+
+    @property
+    def distinct(self) -> list[float]:
+        """One accuracy per distinct run, in seed order: what the mean and the spread are over."""
+        return distinct_values(self.accuracies, self.runs)
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.accuracies)
+        return statistics.fmean(self.distinct)
 
     @property
-    def std(self) -> float:
-        return seed_std(self.accuracies)
+    def std(self) -> float | None:
+        """Sample std over distinct runs; None with one, where no spread was measured."""
+        return statistics.stdev(self.distinct) if len(self.distinct) > 1 else None
 
     def to_dict(self, key: str = "name") -> dict:
         return {key: self.name, "accuracies": [round(a, 4) for a in self.accuracies],
-                "mean": round(self.mean, 4), "std": round(self.std, 4)}
+                "distinct_runs": len(self.distinct), "mean": round(self.mean, 4),
+                "std": None if self.std is None else round(self.std, 4)}
+
+
+def distinct_values(values: Sequence[float], runs: Sequence[Hashable]) -> list[float]:
+    """The value of each run key's first seed, in seed order."""
+    first: dict[Hashable, float] = {}
+    for value, run in zip(values, runs, strict=True):
+        first.setdefault(run, value)
+    return list(first.values())
+
+
+def run_key(split: Split, blocks: dict[int, int] | None = None, *extra: Hashable) -> tuple:
+    """What a seed's fit depends on: its training and test rows, the block of augmented views
+    each training row drew (None: no augmentation) and anything else it was seeded with."""
+    rows = sorted(split.train())  # the same photos in another order: the same full-batch fit
+    drawn = None if blocks is None else tuple(blocks[r] for r in rows)
+    return (tuple(rows), split.test, drawn, *extra)
+
+
+def view_blocks(splits: Sequence[Split]) -> list[dict[int, int]]:
+    """Per seed, training row -> which block of augmented views it draws: the j-th seed that
+    trains on a photo gets its j-th block, so no two seeds see the same augmentations of a photo,
+    and a photo used by one seed costs one block (seed 0's block 0 is the views a build makes)."""
+    uses: Counter[int] = Counter()
+    blocks = []
+    for split in splits:
+        rows = split.train()
+        blocks.append({r: uses[r] for r in rows})
+        uses.update(rows)
+    return blocks
 
 
 @dataclass
@@ -153,18 +196,33 @@ class Run:
         return dataclasses.replace(table, backbone=name, original=originals[name])
 
     def views(self, table: FeatureTable, policy: AugmentPolicy, rows: Sequence[int]) -> torch.Tensor:
-        """(N, K, D) augmented features; only `rows` (the training rows of any seed) are filled."""
+        """(N, K, D) augmented features, block 0 (the views a build makes); only `rows` are filled.
+        The learning curve's: its nested sizes of one seed share them."""
+        return self.seed_views(table, policy, [{r: 0 for r in rows}])[0]
+
+    def seed_views(self, table: FeatureTable, policy: AugmentPolicy,
+                   blocks: Sequence[dict[int, int]]) -> list[torch.Tensor]:
+        """Per seed, (N, K, D) augmented features of its training rows (others zero): row r gets
+        views blocks[seed][r] * K + 1 .. + K, each deterministic in (image, view) (features.py)."""
         k = self.config.views if not policy.is_identity else 0
-        out = torch.zeros(len(table.items), k, table.original.shape[1])
-        if k == 0 or not rows:
+        out = [torch.zeros(len(table.items), k, table.original.shape[1]) for _ in blocks]
+        need: dict[int, int] = {}  # row -> blocks of views it needs
+        for seed_blocks in blocks:
+            for row, block in seed_blocks.items():
+                need[row] = max(need.get(row, 0), block + 1)
+        if k == 0 or not need:
             return out
-        rows = sorted(set(rows))
-        feats = self.features([table.items[r].path for r in rows], table.backbone, policy, k,
-                              stage=f"augmenting {policy.name}")
-        if len(feats.kept) != len(rows):
-            bad = ", ".join(f for f, _ in feats.failed)
-            raise DataError(f"images became unreadable during the experiment: {bad}")
-        out[rows] = feats.augmented
+        for count in sorted(set(need.values())):  # one pass per depth: a row computes only its blocks
+            rows = sorted(r for r, n in need.items() if n == count)
+            feats = self.features([table.items[r].path for r in rows], table.backbone, policy, k * count,
+                                  stage=f"augmenting {policy.name}")
+            if len(feats.kept) != len(rows):
+                bad = ", ".join(f for f, _ in feats.failed)
+                raise DataError(f"images became unreadable during the experiment: {bad}")
+            for i, row in enumerate(rows):
+                for seed_blocks, views in zip(blocks, out):
+                    if row in seed_blocks:
+                        views[row] = feats.augmented[i, seed_blocks[row] * k:(seed_blocks[row] + 1) * k]
         return out
 
 
@@ -174,27 +232,31 @@ def plot_arms(result: ExperimentResult, title: str = "") -> bytes:
     """PNG (charts.arms_png): each seed's accuracy as a dot and the mean +- 1 std per arm, the first
     arm's mean as the reference line; the axis says what the accuracies were measured on."""
     where = "val/" if result.test_given else "held-out"
-    xlabel = (f"accuracy on {result.n_test} {where} test images "
-              f"({result.seeds} seeds, {result.train_per_class} training images per class)")
-    return charts.arms_png([(arm.name, arm.accuracies) for arm in result.arms], xlabel, title)
+    xlabel = (f"accuracy on {result.n_test} {where} test images ({result.seeds} seeds, distinct runs shown; "
+              f"{result.train_per_class} training images per class)")
+    return charts.arms_png([(arm.name, arm.distinct) for arm in result.arms], xlabel, title)
 
 
 def arms_table(result: ExperimentResult, key: str = "arm") -> str:
-    """Plain-text table: mean, std, the paired difference from the first arm (same seed, same
-    images: mean +- std over seeds, and seeds better/worse), then each seed."""
+    """Plain-text table: distinct runs, mean, std, the paired difference from the first arm (same
+    seed, same images: mean +- std over the seeds whose pair of runs is distinct, and seeds
+    better/worse), then each seed. A spread of one run is "-": none was measured."""
     first = result.arms[0]
-    lines = [f"{key:<16} {'mean':>6} {'std':>6}   {'vs ' + first.name + ' (paired)':<22} per seed"]
+    lines = [f"{key:<16} {'runs':>4} {'mean':>6} {'std':>6}   {'vs ' + first.name + ' (paired)':<22} per seed"]
     for arm in result.arms:
         paired = ""
         if arm is not first:
-            deltas = [a - b for a, b in zip(arm.accuracies, first.accuracies)]
-            spread = seed_std(deltas)
+            deltas = distinct_values([a - b for a, b in zip(arm.accuracies, first.accuracies)],
+                                     list(zip(arm.runs, first.runs)))
+            spread = f"{statistics.stdev(deltas):.3f}" if len(deltas) > 1 else "-"
             better, worse = sum(d > 0 for d in deltas), sum(d < 0 for d in deltas)
-            paired = f"{statistics.fmean(deltas):+.3f} +- {spread:.3f} {better}/{worse}"
+            paired = f"{statistics.fmean(deltas):+.3f} +- {spread} {better}/{worse}"
         seeds = " ".join(f"{a:.3f}" for a in arm.accuracies)
-        lines.append(f"{arm.name:<16} {arm.mean:6.3f} {arm.std:6.3f}   {paired:<22} {seeds}")
+        std = "-" if arm.std is None else f"{arm.std:.3f}"
+        lines.append(f"{arm.name:<16} {len(arm.distinct):>4} {arm.mean:6.3f} {std:>6}   {paired:<22} {seeds}")
     where = "val/" if result.test_given else "a held-out split per seed"
     lines.append(f"{result.seeds} seeds, {result.train_per_class} training images per class, "
                  f"{result.n_test} test images ({where}), backbone {result.backbone}, {result.seconds:.0f}s; "
-                 f"paired: mean +- std of the per-seed difference, seeds better/worse")
+                 f"runs: distinct runs (seeds that trained on the same images and views count once); "
+                 f"paired: mean +- std of the per-seed difference over distinct pairs, seeds better/worse")
     return "\n".join(lines)

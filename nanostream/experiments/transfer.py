@@ -19,7 +19,7 @@ from ..engine.curve import StageProgress, head_accuracy, make_splits
 from ..engine.data import Dataset, DataError
 from ..engine.features import FeatureCache
 from ..engine.images import BadImage, load_image
-from .common import Arm, ExperimentConfig, ExperimentResult, Run, experiment_result
+from .common import Arm, ExperimentConfig, ExperimentResult, Run, experiment_result, run_key, view_blocks
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,13 @@ def transfer_experiment(dataset: Dataset, config: ExperimentConfig = ExperimentC
                                 for i in range(0, len(test), 64)])
         scratch_acc.append(float((logits.argmax(1) == table.y[test]).float().mean()))
 
-    views = run.views(table, get_policy(scratch.augment), sorted({r for s in splits for r in s.train()}))
-    pretrained_acc = [head_accuracy(table, s.train(), s.test, views) for s in splits]
+    blocks = view_blocks(splits)
+    views = run.seed_views(table, get_policy(scratch.augment), blocks)
+    pretrained_acc = tuple(head_accuracy(table, s.train(), s.test, v) for s, v in zip(splits, views))
+    augmented = views[0].shape[1] > 0
+    pretrained_runs = tuple(run_key(s, b if augmented else None) for s, b in zip(splits, blocks))
+    scratch_runs = tuple(run_key(s, None, s.seed) for s in splits)  # its seed draws weights, batches, augmentations
     params = sum(p.numel() for p in small_cnn(len(table.labels), scratch.width).parameters())
-    return experiment_result([Arm("scratch", scratch_acc), Arm("pretrained", pretrained_acc)], table, splits,
+    return experiment_result([Arm("scratch", tuple(scratch_acc), scratch_runs),
+                              Arm("pretrained", pretrained_acc, pretrained_runs)], table, splits,
                              started, scratch=dataclasses.asdict(scratch), scratch_params=params, views=config.views)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine.choice import Candidate
+from ..store.licenses import bundle_credits
 from ..store.records import ImageRecord, Project, StoreError
 from .evaluate import ClassScore, Skipped
 
@@ -33,7 +34,8 @@ CURVE_TITLE = "Accuracy by images per category"
 
 @dataclass(frozen=True)
 class HeldOut:
-    """A validation photo the model found hard (highest loss first): the page offers to fix it."""
+    """A photo the model found hard (highest loss first), as predicted by a model that never saw it
+    (out of fold, or a val/ photo): the page offers to fix the wrong ones."""
     file: str
     label: str                    # its category when the model was built
     predicted: str
@@ -52,7 +54,7 @@ class BuildSummary:
     path: str                     # the bundle: --out when given, else the registry's file
     project: str | None           # None: built from a folder
     classes: tuple[str, ...]
-    accuracy: float               # on the held-out validation photos
+    accuracy: float               # the headline: val/ photos, or every photo out of fold (see estimate)
     backbone: str
     mode: str                     # "fast" or "finetune": the path that made the model
     policy: dict                  # the augmentation used (AugmentPolicy.to_dict), as in the bundle
@@ -71,6 +73,11 @@ class BuildSummary:
     advice: str | None = None     # how many more photos would reach ADVICE_TARGET
     curve_png: str | None = None  # the learning curve behind the advice
     advice_error: str | None = None  # why there is no advice: it never fails a build
+    # Builds before the honest estimate have none of these: the page then says what it said before.
+    estimate: str | None = None   # "val": measured on validation photos; "cross-validation": every photo out of fold
+    accuracy_interval: tuple[float, float] | None = None  # Wilson 95%
+    temperature: float | None = None  # the calibration every predict path applies
+    ece: float | None = None      # 15-bin expected calibration error, out of fold, after calibration
 
     @property
     def augment(self) -> str:
@@ -91,8 +98,11 @@ class BuildSummary:
     def to_dict(self) -> dict:
         """JSON: `nanostream train --json` (model_id, path, accuracy, backbone, mode, augment,
         classes, n_train, n_val, seconds, per_class, confusion, candidates, skipped as before)
-        and the job's result; the rest added."""
+        and the job's result; the rest added: accuracy_interval [low, high], estimate, calibration
+        {temperature, ece}."""
         out = asdict(self)
+        out["calibration"] = {"temperature": out.pop("temperature"), "ece": out.pop("ece")}
+        out["accuracy_interval"] = list(self.accuracy_interval) if self.accuracy_interval else None
         out["per_class"] = {c.label: {"precision": c.precision, "recall": c.recall, "n": c.n, "correct": c.correct}
                             for c in self.per_class}
         out.update(augment=self.augment, gpu=self.gpu)
@@ -109,7 +119,9 @@ class BuildSummary:
             highest_loss=tuple(HeldOut(**e) for e in data["highest_loss"]),
             candidates=tuple(Candidate(**c) for c in data["candidates"]),
             skipped=tuple(Skipped(**s) for s in data["skipped"]),
-            empty_categories=tuple(data.get("empty_categories", ())))
+            empty_categories=tuple(data.get("empty_categories", ())),
+            accuracy_interval=tuple(data["accuracy_interval"]) if data.get("accuracy_interval") else None,
+            **(data.get("calibration") or {}))
         plain = {f.name: data[f.name] for f in fields(cls) if f.name in data and f.name not in nested}
         return cls(**plain, **nested)
 
@@ -132,6 +144,7 @@ class _Source:
     project: Project | None
     image_ids: dict[str, int]     # str(path) -> a project image's id
     empty: tuple[str, ...]        # a project's categories without photos
+    credits: dict                 # licences and credit lines of the photos, for the header (licenses.bundle_credits)
 
 
 # ---------------------------------------------------------------- the flow
@@ -160,9 +173,10 @@ def build_project(config: TrainConfig, *, folder: str | Path | None = None, proj
 
     progress("saving", 0, 1)
     name = _current_name(store, source.project)
-    model_id, path = save_trained(result, out, name)
+    model_id, path = save_trained(result, out, name, source.credits)
     held_out = tuple(HeldOut(**e, image_id=source.image_ids.get(e["file"]))
                      for e in result.metrics.get("highest_loss", []))
+    headline, calibration = result.estimate, result.calibration
     if name is not None:  # a project's builds are its versions, listed by the Share page
         store.record_model(name, model_id, path, {**result.metrics, "highest_loss": [asdict(h) for h in held_out]})
     progress("saving", 1, 1)
@@ -178,7 +192,8 @@ def build_project(config: TrainConfig, *, folder: str | Path | None = None, proj
         candidates=tuple(result.candidates), n_train=result.n_train, n_val=result.n_val,
         seconds=round(result.seconds, 3), device=_device_name(device), precision=result.precision,
         skipped=tuple(Skipped(file, reason) for file, reason in result.skipped),
-        empty_categories=source.empty, **advice)
+        empty_categories=source.empty, estimate=headline.kind, accuracy_interval=(headline.low, headline.high),
+        temperature=calibration.temperature, ece=calibration.ece, **advice)
 
 
 def previous_backbone(store: Store, project: str) -> str | None:
@@ -193,13 +208,35 @@ def previous_backbone(store: Store, project: str) -> str | None:
     return None
 
 
-def photos_to_fix(store: Store, project: str, summary: BuildSummary,
+def accuracy_in_words(summary: BuildSummary) -> str:
+    """The headline as the Build page says it: "about 88% (80–93%), measured on all 35 photos, each
+    held out once", or "... measured on 24 validation photos it never saw"."""
+    if summary.accuracy_interval is None:  # a build from before the interval
+        return f"{summary.accuracy:.0%} on {summary.n_val} held-out photos"
+    low, high = summary.accuracy_interval
+    if summary.estimate == "cross-validation":
+        where = f"all {summary.n_train} photos, each held out once"
+    else:
+        where = f"{summary.n_val} validation photos it never saw"
+    return f"about {summary.accuracy:.0%} ({low:.0%}–{high:.0%}), measured on {where}"
+
+
+def photos_to_fix(store: Store, project: str, summary: BuildSummary) -> list[tuple[HeldOut, ImageRecord]]:
+    """The photos of a project's build that a model which never saw them got wrong, still in the
+    category they were built with (not moved or deleted)."""
+    return _still_there(store, project, [e for e in summary.highest_loss if e.wrong])
+
+
+def unsure_photos(store: Store, project: str, summary: BuildSummary,
                   not_sure: float) -> list[tuple[HeldOut, ImageRecord]]:
-    """The held-out photos of a project's build that its model got wrong, or right with less
-    than `not_sure` confidence, still in the category they were built with (not moved or deleted)."""
+    """The ones it got right, but with less than `not_sure` confidence: shown apart from the wrong ones."""
+    return _still_there(store, project, [e for e in summary.highest_loss if not e.wrong and e.confidence < not_sure])
+
+
+def _still_there(store: Store, project: str, entries: list[HeldOut]) -> list[tuple[HeldOut, ImageRecord]]:
     found = []
-    for entry in summary.highest_loss:
-        if entry.image_id is None or not (entry.wrong or entry.confidence < not_sure):
+    for entry in entries:
+        if entry.image_id is None:
             continue
         try:
             record = store.get_image(project, entry.image_id)
@@ -238,14 +275,15 @@ def _open(folder: str | Path | None, project: str | None, store: Store | None) -
     if (folder is None) == (project is None) or (project is not None and store is None):
         raise ValueError("build from a folder, or from a project of a store")
     if folder is not None:
-        return _Source(scan_folder(folder), None, {}, ())
+        dataset = scan_folder(folder)
+        return _Source(dataset, None, {}, (), bundle_credits((), unknown_photos=len(dataset.train) + len(dataset.val)))
     found = store.get_project(project)
     records = store.list_images(found.name)
     counts = store.counts(found.name)  # the project's order of categories
     items = tuple(LabeledImage(store.image_path(r), r.category) for r in records)
     dataset = Dataset(tuple(name for name, n in counts.items() if n), items)
     return _Source(dataset, found, {str(item.path): r.id for item, r in zip(items, records)},
-                   tuple(name for name, n in counts.items() if not n))
+                   tuple(name for name, n in counts.items() if not n), bundle_credits(records))
 
 
 def _current_name(store: Store | None, project: Project | None) -> str | None:

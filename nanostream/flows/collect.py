@@ -8,9 +8,13 @@ every live call of the run, within and between categories, and one QueryCache
 engine stays rate limited, the categories after it are not searched: what was found stays, and
 the summary says where it stopped.
 
-The provider is search.make_provider()'s unless NANOSTREAM_SEARCH_PROVIDER names a factory
-("module:function", called with no arguments) that returns another SearchProvider: tests use
-it to search a local stand-in.
+Sources: `--source auto` (the default) tries the licensed sources first (Openverse, then
+Wikimedia Commons) and DuckDuckGo last, each for what the ones before it did not find; a source
+that is rate limited or fails is not asked again during the run, one that runs dry only for that
+category. DuckDuckGo reports no licence, so it is searched only with `--license any`. Each
+category's summary says which source gave what (SourceUse). NANOSTREAM_SEARCH_PROVIDER names a
+factory ("module:function", called with no arguments) whose SearchProvider replaces them all:
+tests use it to search a local stand-in.
 """
 
 from __future__ import annotations
@@ -19,22 +23,24 @@ import importlib
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import paths
+from ..store.licenses import LICENSE_FILTERS
 from ..store.records import StoreError
 
 # The sources are imported where they are used: every CLI command imports this module (for its
 # defaults), and most need no HTTP stack.
 if TYPE_CHECKING:
-    from ..sources.search import Pacer, QueryCache, SearchPacing, SearchProvider
+    from ..sources.search import Pacer, QueryCache, SearchProvider
     from ..store.db import Store
 
 PROVIDER_ENV = "NANOSTREAM_SEARCH_PROVIDER"
 DEFAULT_PER_CATEGORY = 30  # enough for a first model (a few-shot head needs ~10); the user can search again
 ONLINE_TIMEOUT_S = 5.0     # a reachable engine accepts in well under a second
 STOPPED = "not searched: the search was stopped"
+UNLICENSED_NOTE = "not asked: its images have no licence, and this search keeps licensed ones only"
 REMOVED = "not searched: the category was removed during the search"
 
 
@@ -62,6 +68,23 @@ class FailedDownload:
 
 
 @dataclass(frozen=True)
+class SourceUse:
+    """What one source did for one category."""
+    name: str                # "openverse", "wikimedia", "ddg" (a stand-in: its name)
+    status: str              # one of SOURCE_STATUSES
+    found: int = 0           # new hits it gave whose licence the filter admits
+    unlicensed: int = 0      # hits left out by the licence filter
+    skipped: tuple[FailedDownload, ...] = ()  # results that are no usable photo (SVG, video), with why
+    message: str = ""        # why it was not asked, in words; "" when it was
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "skipped": [asdict(f) for f in self.skipped]}  # JSON lists, as read back
+
+
+SOURCE_STATUSES = ("gave", "dry", "rate limited", "failed", "not asked")
+
+
+@dataclass(frozen=True)
 class CategorySearch:
     name: str
     searched: bool = True                    # False: skipped (rate limited before it, stopped, removed)
@@ -72,18 +95,22 @@ class CategorySearch:
     errors: tuple[str, ...] = ()             # messages for the user
     queries: tuple[str, ...] = ()            # the queries run, cached ones included
     rate_limited: bool = False               # the engine asked us to slow down during this category
+    sources: tuple[SourceUse, ...] = ()      # which source gave what, in the order they were tried
 
     def to_dict(self) -> dict:
         return {"searched": self.searched, "found": self.found, "added": list(self.added),
                 "duplicates": [asdict(d) for d in self.duplicates], "failed": [asdict(f) for f in self.failed],
-                "errors": list(self.errors), "queries": list(self.queries), "rate_limited": self.rate_limited}
+                "errors": list(self.errors), "queries": list(self.queries), "rate_limited": self.rate_limited,
+                "sources": [u.to_dict() for u in self.sources]}
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping) -> CategorySearch:
+        sources = tuple(SourceUse(**{**u, "skipped": tuple(FailedDownload(**f) for f in u["skipped"])})
+                        for u in data.get("sources", ()))  # jobs stored before sources were counted have none
         return cls(name, bool(data["searched"]), int(data["found"]), tuple(data["added"]),
                    tuple(Duplicate(**d) for d in data["duplicates"]),
                    tuple(FailedDownload(**f) for f in data["failed"]),
-                   tuple(data["errors"]), tuple(data["queries"]), bool(data["rate_limited"]))
+                   tuple(data["errors"]), tuple(data["queries"]), bool(data["rate_limited"]), sources)
 
 
 @dataclass(frozen=True)
@@ -134,13 +161,11 @@ def read_summary(result: Mapping | None) -> SearchSummary | None:
 
 # ---------------------------------------------------------------- provider
 
-def load_provider() -> SearchProvider:
-    """NANOSTREAM_SEARCH_PROVIDER's factory if set, else the default source's provider."""
-    from ..sources.search import make_provider
-
+def load_provider() -> SearchProvider | None:
+    """NANOSTREAM_SEARCH_PROVIDER's factory's provider if set, else None (the --source decides)."""
     spec = os.environ.get(PROVIDER_ENV, "").strip()
     if not spec:
-        return make_provider()
+        return None
     module_name, _, factory_name = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), factory_name or "provider")
@@ -179,26 +204,32 @@ def search_project(
     on_progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_category: Callable[[SearchSummary], None] | None = None,
+    source: str = "auto",
+    license: str = "any",
 ) -> SearchSummary:
     """Search the web for the images of some categories (all when None), download them and add
     the new ones, category by category.
 
     terms: comma-separated extra query variants for every category, after its own search terms.
+    source: "auto" (licensed sources first, DuckDuckGo last) or one of search.PROVIDERS; provider
+    (or NANOSTREAM_SEARCH_PROVIDER) replaces them. license: a licenses.LICENSE_FILTERS key.
     on_progress(stage, done, total) for stages "search NAME" (queries) and "download NAME".
     should_stop() is checked between queries and downloads: what was stored stays.
     on_category(the summary so far) after each category, for a page showing partial results.
     Raises StoreError for an unknown project or category, NothingToSearch, SearchUnavailable.
     """
-    from ..sources.search import Pacer, QueryCache, SearchPacing
+    from ..sources.search import QueryCache
 
     project = store.get_project(project).name
     names = _categories_to_search(store, project, categories)
     if not names:
         raise NothingToSearch(f"project '{project}' has no categories to search")
-    provider = provider or load_provider()
-    check_online(provider)
-    pacing = getattr(provider, "pacing", None) or SearchPacing()
-    run = _Run(store, project, per_category, terms, provider, pacing, Pacer(pacing.pause),
+    if license not in LICENSE_FILTERS:
+        raise SearchUnavailable(f"unknown licence filter {license[:40]!r}; valid: {', '.join(LICENSE_FILTERS)}")
+    providers = [provider] if provider is not None else _providers(source, license)
+    if len(providers) == 1:
+        check_online(providers[0])
+    run = _Run(store, project, per_category, terms, tuple(providers), license,
                QueryCache(paths.home() / "search-cache"), on_progress, should_stop)
     done: list[CategorySearch] = []
     stopped_by = None
@@ -211,12 +242,31 @@ def search_project(
             done.append(CategorySearch(name, searched=False, errors=(STOPPED,)))
         else:
             done.append(run.category(name))
-            if done[-1].rate_limited:
+            if done[-1].rate_limited and run.exhausted():
                 stopped_by = name
         if on_category:
             on_category(SearchSummary(project, tuple(done), store.counts(project), stopped_by))
     return SearchSummary(project, tuple(done), store.counts(project), stopped_by,
                          cancelled=bool(should_stop and should_stop()))
+
+
+def _providers(source: str, license: str) -> list[SearchProvider]:
+    """NANOSTREAM_SEARCH_PROVIDER's provider, else the providers source stands for, in order."""
+    from ..sources.providers import make_provider, sources_to_try
+    from ..sources.search import SearchError
+
+    override = load_provider()
+    if override is not None:
+        return [override]
+    try:
+        return [make_provider(name, license) for name in sources_to_try(source)]
+    except SearchError as exc:
+        raise SearchUnavailable(str(exc)) from None
+
+
+def source_name(provider: SearchProvider) -> str:
+    """The source a provider is in summaries: its registry name, or a stand-in's own name."""
+    return getattr(provider, "source", None) or provider.name
 
 
 def _categories_to_search(store: Store, project: str, categories: Sequence[str] | None) -> list[str]:
@@ -230,42 +280,81 @@ def _categories_to_search(store: Store, project: str, categories: Sequence[str] 
 
 @dataclass(frozen=True)
 class _Run:
-    """What every category of one search shares: one pacer and one cache for the whole run."""
+    """What every category of one search shares: one pacer per source and one cache for the whole
+    run, and the sources that are not to be asked again (rate limited or failed: why, in words)."""
     store: Store
     project: str
     per_category: int
     terms: str
-    provider: SearchProvider
-    pacing: SearchPacing
-    pacer: Pacer
+    providers: tuple[SearchProvider, ...]
+    license: str
     cache: QueryCache
     on_progress: Progress | None
     should_stop: Callable[[], bool] | None
+    pacers: dict[str, Pacer] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def stage(self, stage: str) -> Callable[[int, int], None] | None:
         if self.on_progress is None:
             return None
         return lambda done, total: self.on_progress(stage, done, total)
 
+    def exhausted(self) -> bool:
+        """No source is left to ask: the later categories cannot be searched in this run."""
+        return all(source_name(p) in self.unavailable or self._unlicensed(p) for p in self.providers)
+
+    def _unlicensed(self, provider: SearchProvider) -> bool:
+        from ..sources.providers import UNLICENSED
+
+        return self.license != "any" and source_name(provider) in UNLICENSED and len(self.providers) > 1
+
     def category(self, name: str) -> CategorySearch:
         from ..sources import download
         from ..sources.ingest import add_search_hits
-        from ..sources.search import search_category
 
         try:
             category = self.store.get_category(self.project, name)
         except StoreError:
             return CategorySearch(name, searched=False, errors=(REMOVED,))
         extra = ",".join(t for t in (category.search_terms, self.terms) if t.strip())
-        report = search_category(name, self.provider, self.per_category, extra, self.pacing, self.cache,
-                                 on_progress=self.stage(f"search {name}"), should_stop=self.should_stop,
-                                 pacer=self.pacer)
-        fetched = download.fetch_images([hit.url for hit in report.hits], on_progress=self.stage(f"download {name}"),
+        hits, uses, errors, queries = self._search(name, extra)
+        fetched = download.fetch_images([hit.url for hit in hits], on_progress=self.stage(f"download {name}"),
                                         should_stop=self.should_stop)
-        stored = add_search_hits(self.store, self.project, name, report.hits, fetched)
+        stored = add_search_hits(self.store, self.project, name, hits, fetched)
         return CategorySearch(
-            name, found=len(report.hits), added=tuple(stored["added"]),
+            name, found=len(hits), added=tuple(stored["added"]),
             duplicates=tuple(Duplicate(**d) for d in stored["duplicates"]),
             # "cancelled": never tried, because the user stopped the search; not a failure
             failed=tuple(FailedDownload(**f) for f in stored["failed"] if f["reason"] != "cancelled"),
-            errors=report.errors, queries=report.queries, rate_limited=report.rate_limited)
+            errors=tuple(errors), queries=tuple(queries),
+            rate_limited=any(u.status == "rate limited" for u in uses), sources=tuple(uses))
+
+    def _search(self, name: str, extra: str) -> tuple[list, list[SourceUse], list[str], list[str]]:
+        """Each source in turn for what the ones before it did not find: (hits, uses, errors, queries)."""
+        from ..sources.search import Pacer, SearchPacing, search_category
+
+        hits: dict[str, object] = {}
+        uses, errors, queries = [], [], []
+        for provider in self.providers:
+            source = source_name(provider)
+            if len(hits) >= self.per_category or (self.should_stop and self.should_stop()):
+                break
+            if source in self.unavailable or self._unlicensed(provider):
+                uses.append(SourceUse(source, "not asked", message=self.unavailable.get(source) or UNLICENSED_NOTE))
+                continue
+            pacing = getattr(provider, "pacing", None) or SearchPacing()
+            pacer = self.pacers.setdefault(source, Pacer(pacing.pause))
+            report = search_category(name, provider, self.per_category - len(hits), extra, pacing, self.cache,
+                                     on_progress=self.stage(f"search {name}"), should_stop=self.should_stop,
+                                     pacer=pacer, license_filter=self.license, exclude=frozenset(hits))
+            hits.update((hit.url, hit) for hit in report.hits)
+            status = ("rate limited" if report.rate_limited else "failed" if report.failed
+                      else "gave" if report.hits else "dry")
+            if status in ("rate limited", "failed"):
+                self.unavailable[source] = f"{status} earlier in this search"
+            uses.append(SourceUse(source, status, len(report.hits), report.unlicensed,
+                                  tuple(FailedDownload(h.url, h.skipped) for h in report.skipped)))
+            prefix = f"{source}: " if len(self.providers) > 1 else ""
+            errors += [prefix + e for e in report.errors]
+            queries += [q for q in report.queries if q not in queries]
+        return list(hits.values()), uses, errors, queries

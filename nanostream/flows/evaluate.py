@@ -57,6 +57,12 @@ class Evaluation:
     hardest: tuple[Answer, ...]              # highest loss first, right or wrong (at most 8)
     mistakes: tuple[Answer, ...]             # every wrong answer, most confident first
     skipped: tuple[Skipped, ...]             # what could not be used, and why
+    right: tuple[Answer, ...] = ()           # every right answer, least confident first
+
+    def unsure(self, below: float) -> tuple[Answer, ...]:
+        """Right answers given with less than `below` confidence: shown apart from the mistakes, as
+        photos to look at, never as something to fix (the label is right)."""
+        return tuple(a for a in self.right if a.confidence < below)
 
     @property
     def accuracy(self) -> float:
@@ -165,8 +171,10 @@ def _score(labels: tuple[str, ...], scored: list[tuple[str, str, list[float]]],
                     for h in report.get("highest_loss", []))
     loss = -torch.log(probs[torch.arange(len(y)), y].clamp(min=1e-12)) if len(y) else torch.zeros(0)
     predicted = probs.argmax(1)
-    mistakes = sorted((Answer(scored[i][0], scored[i][1], labels[int(predicted[i])], float(probs[i].max()),
-                              float(loss[i])) for i in range(len(y)) if predicted[i] != y[i]),
-                      key=lambda a: -a.confidence)
+    answers = [Answer(scored[i][0], scored[i][1], labels[int(predicted[i])], float(probs[i].max()), float(loss[i]))
+               for i in range(len(y))]
+    mistakes = sorted((a for a in answers if a.predicted != a.label), key=lambda a: -a.confidence)
+    right = sorted((a for a in answers if a.predicted == a.label), key=lambda a: a.confidence)
     correct = sum(confusion[i][i] for i in range(len(labels)))
-    return Evaluation(labels, len(y), correct, per_class, confusion, hardest, tuple(mistakes), tuple(skipped))
+    return Evaluation(labels, len(y), correct, per_class, confusion, hardest, tuple(mistakes), tuple(skipped),
+                      tuple(right))

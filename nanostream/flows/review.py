@@ -3,7 +3,11 @@
 Web searches bring in off-topic pictures (logos, diagrams, the wrong animal) and users drop a
 photo into the wrong category. Both show up in backbone feature space: the image sits far from
 the other images of its category, or nearer to another category. Duplicates are found by
-dedupe.py. This module only suggests; the page (or the user) decides what to delete or move.
+dedupe.py. Mislabelled photos are found by confident learning (the maintained `cleanlab`,
+cleanlab.filter.find_label_issues) on out-of-fold probabilities: a head that never saw a photo
+calls it another category, more surely than that category's photos are usually called. Off-topic
+photos are the ones much farther from the rest of their category than its photos usually are.
+This module only suggests; the page (or the user) decides what to delete or move.
 Each reason carries what it found (a Finding) beside its sentence: readers decide by the finding,
 never by the wording. Importing this module costs no torch (pages read rankings and warnings).
 """
@@ -29,13 +33,23 @@ if TYPE_CHECKING:
 DEFAULT_BACKBONE = "efficientnet_lite0"
 MIN_PER_CATEGORY = 5      # fewer: the held-out score rests on one or two photos of the category
 IMBALANCE_RATIO = 3.0     # the largest category this many times the smallest: the model leans to it
+# Out-of-fold probabilities averaged over this many different fold splits when a project is small:
+# with 40 photos one split's luck decides which photo a fold lacks; the folds are fitted together
+# (head.out_of_fold_logits), so 5 repeats of 100 photos cost about 0.2 s.
+OOF_REPEATS, SMALL_PROJECT = 5, 500
+# Off-topic: own distance above Q3 + this many interquartile ranges of the project's own distances
+# (Tukey's fence; 1.5 is the textbook value). On copies of the shared sets with 10% off-topic photos
+# added (bench/label_noise.py), 1.0 found more of them for few more false alarms.
+OFF_TOPIC_IQR = 1.0
+MIN_TO_COMPARE = 3        # a category needs this many photos before one can be "unlike" the others
 
 
 class Finding(Enum):
     UNREADABLE = "unreadable"    # the stored file no longer decodes
     COPY = "copy"                # an exact or near copy of another image of its category
     CONFLICT = "conflict"        # the same picture is also in another category
-    LOOKS_LIKE = "looks like"    # nearer another category's centroid than its own
+    LOOKS_LIKE = "looks like"    # confident learning: out of fold, the model calls it another category
+    OFF_TOPIC = "off-topic"      # far from every other photo of its category in feature space
 
 
 @dataclass(frozen=True)
@@ -43,22 +57,17 @@ class Reason:
     finding: Finding
     text: str                    # the sentence the user reads
 
-    @property
-    def needs_action(self) -> bool:
-        """Whatever the score, the user must act: unreadable, a copy or a label conflict.
-        ("looks more like" is not one: it is already in the score, and borderline photos have it.)"""
-        return self.finding is not Finding.LOOKS_LIKE
-
 
 @dataclass(frozen=True)
 class SuspectImage:
     image_id: int
     score: float                 # higher: less typical of its category (see suspicion_scores)
-    reasons: tuple[Reason, ...] = ()  # concrete findings ("near-duplicate of image 12", ...); empty: none
+    reasons: tuple[Reason, ...] = ()  # findings ("looks like rose (91%)", "near-duplicate of image 12"); empty: none
 
     @property
-    def needs_action(self) -> bool:
-        return any(r.needs_action for r in self.reasons)
+    def flagged(self) -> bool:
+        """Something was found: the user should look at it (delete, move or keep)."""
+        return bool(self.reasons)
 
     def has(self, finding: Finding) -> bool:
         return any(r.finding is finding for r in self.reasons)
@@ -127,6 +136,69 @@ def suspicion_scores(features: torch.Tensor, labels: torch.Tensor, n_classes: in
     return Suspicion(own_distance + margin, own_distance, other_distance, nearest)
 
 
+# ---------------------------------------------------------------- mislabelled and off-topic
+
+def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(N, C) probabilities of fit_head's model for each photo from fits that never saw it, averaged
+    over OOF_REPEATS fold splits when the project is small. Every class needs 2 or more photos."""
+    import torch
+
+    from ..engine.head import out_of_fold_logits
+
+    repeats = OOF_REPEATS if len(labels) < SMALL_PROJECT else 1
+    logits = out_of_fold_logits(features, labels, n_classes, seed=0, repeats=repeats)
+    return torch.softmax(logits, 2).mean(0)
+
+
+def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> dict[int, int]:
+    """Row -> the category it looks like, for the rows confident learning flags: cleanlab's
+    find_label_issues (prune by noise rate, its default) on out-of-fold probabilities."""
+    import torch
+    from cleanlab.filter import find_label_issues
+
+    y = labels.numpy()
+    flagged = find_label_issues(y, probs.double().numpy(), n_jobs=1)  # n_jobs=1: no process pool per ranking
+    others = probs.clone()
+    others[torch.arange(len(y)), labels] = -1  # the category it looks like: the likeliest other one
+    return {int(i): int(others[i].argmax()) for i in flagged.nonzero()[0]}
+
+
+def off_topic(own_distance: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """Rows much farther from the rest of their category than the project's photos usually are
+    (Tukey's fence, OFF_TOPIC_IQR), in categories of MIN_TO_COMPARE photos or more."""
+    import torch
+
+    comparable = torch.bincount(labels)[labels] >= MIN_TO_COMPARE
+    if int(comparable.sum()) < 4:  # quartiles of fewer say nothing
+        return []
+    q1, q3 = torch.quantile(own_distance[comparable].double(), torch.tensor([0.25, 0.75], dtype=torch.double))
+    fence = q3 + OFF_TOPIC_IQR * (q3 - q1)
+    return (comparable & (own_distance.double() > fence)).nonzero().flatten().tolist()
+
+
+def content_reasons(features: torch.Tensor, labels: torch.Tensor,
+                    categories: Sequence[str]) -> tuple[torch.Tensor, dict[int, list[Reason]]]:
+    """Each row's suspicion score, and the reasons found for rows that look mislabelled
+    ("looks like rose (91%)": the out-of-fold probability of that category) or off-topic
+    ("unlike every other photo of daisy"). Mislabelled photos need 2 categories of 2 or more photos."""
+    import torch
+
+    result = suspicion_scores(features, labels, len(categories))
+    reasons: dict[int, list[Reason]] = {}
+    present = [c for c in range(len(categories)) if int((labels == c).sum()) >= 2]
+    rows = torch.isin(labels, torch.tensor(present)).nonzero().flatten()
+    if len(present) >= 2:
+        index = {c: i for i, c in enumerate(present)}  # categories of 1 or 0 photos: left out of the fit
+        y = torch.tensor([index[int(c)] for c in labels[rows]])
+        probs = out_of_fold_probabilities(features[rows], y, len(present))
+        for row, other in label_issues(probs, y).items():
+            reasons.setdefault(int(rows[row]), []).append(
+                Reason(Finding.LOOKS_LIKE, f"looks like {categories[present[other]]} ({float(probs[row, other]):.0%})"))
+    for row in off_topic(result.own_distance, labels):
+        reasons.setdefault(row, []).append(Reason(Finding.OFF_TOPIC, f"unlike every other photo of {categories[int(labels[row])]}"))
+    return result.score, reasons
+
+
 # ---------------------------------------------------------------- duplicates
 
 def duplicate_reasons(groups: Sequence[DuplicateGroup]) -> dict[str, list[Reason]]:
@@ -158,9 +230,9 @@ def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE
                     on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[SuspectImage]]:
     """Every category of the project (empty ones too) -> its images, most suspicious first.
 
-    Images that need action (unreadable, a duplicate, a label conflict; see Reason.needs_action)
-    come before the rest; within each part, higher score first. Images nearer another category
-    say so in their reasons. Features come from the cache when present.
+    Facts come first (unreadable, a duplicate, a label conflict), then what the photos' content
+    suggests (mislabelled, off-topic), then the rest; within each part, higher score first.
+    Features come from the cache when present.
     """
     import torch
 
@@ -183,12 +255,10 @@ def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE
     if kept:
         index_of = {name: i for i, name in enumerate(categories)}
         labels = torch.tensor([index_of[r.category] for r in kept])
-        result = suspicion_scores(feats.original, labels, len(categories))
+        score, found = content_reasons(feats.original, labels, categories)
         for i, record in enumerate(kept):
-            scores[record.id] = float(result.score[i])
-            if result.nearest_other[i] >= 0 and result.other_distance[i] < result.own_distance[i]:
-                nearest = categories[int(result.nearest_other[i])]
-                reasons[record.id].append(Reason(Finding.LOOKS_LIKE, f"looks more like '{nearest}'"))
+            scores[record.id] = float(score[i])
+            reasons[record.id] += found.get(i, [])
         refs = [ImageRef(str(r.id), r.category, store.image_path(r)) for r in kept]
         for image_id, why in duplicate_reasons(find_duplicates(refs)).items():
             reasons[int(image_id)] += why
@@ -196,8 +266,16 @@ def rank_suspicious(store: Store, project: str, backbone: str = DEFAULT_BACKBONE
     for record in records:
         ranked[record.category].append(SuspectImage(record.id, scores[record.id], tuple(reasons[record.id])))
     for name in ranked:
-        ranked[name].sort(key=lambda s: (not s.needs_action, -s.score, s.image_id))
+        ranked[name].sort(key=lambda s: (_tier(s), -s.score, s.image_id))
     return ranked
+
+
+FACTS = {Finding.UNREADABLE, Finding.COPY, Finding.CONFLICT}  # certain, unlike a model's view of a photo
+
+
+def _tier(suspect: SuspectImage) -> int:
+    """0: a fact to act on, 1: a finding about its content, 2: nothing found."""
+    return 0 if any(r.finding in FACTS for r in suspect.reasons) else 1 if suspect.flagged else 2
 
 
 # ---------------------------------------------------------------- before a build

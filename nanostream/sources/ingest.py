@@ -362,7 +362,9 @@ def add_search_hits(store, project: str, category: str, hits, fetched_report) ->
         hit = by_url[fetched.url]
         provenance = Provenance("web_search", query=hit.query, page_url=hit.page_url, image_url=hit.url,
                                 final_url=fetched.final_url, license=hit.license,
-                                width=fetched.width, height=fetched.height)
+                                width=fetched.width, height=fetched.height, title=hit.title, creator=hit.creator,
+                                license_url=hit.license_url, attribution_required=hit.attribution_required,
+                                provider=hit.provider)
         try:
             record, is_new = store.add_image(project, category, fetched.data, provenance)
         except (StoreError, OSError) as exc:

@@ -1,4 +1,4 @@
-"""Web image search: providers by name, query variants, pacing, backoff and a query cache -> candidate URLs.
+"""Web image search: providers by name, query variants, pacing, backoff, a licence filter and a query cache -> candidate URLs.
 
 Search engines answer an unthrottled client with empty pages or errors, so every live call is
 spaced by a pause (one Pacer for a whole search, across categories), retried with exponential
@@ -6,8 +6,12 @@ backoff when it looks rate limited or times out, and remembered in a QueryCache 
 search never calls the engine again.
 
 A provider is anything with a `name` and `images(query, max_results)` (SearchProvider), found
-by its source name in PROVIDERS (make_provider). Adding a search engine is one class and one
-entry there; flows.collect runs every provider the same way.
+by its source name in providers.PROVIDERS: openverse.py and wikimedia.py (licensed images,
+with their licence and creator) and DDGSProvider here (DuckDuckGo: any image, licence
+unknown). Adding a search engine is one module and one entry there; flows.collect runs every
+provider the same way, licensed ones first. Whatever a provider filters on
+its side, search_category keeps only the hits whose licence the caller's filter admits
+(licenses.admits), so an unknown licence never passes for a free one.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ddgs import DDGS
-from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
+from ..store.licenses import admits
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,23 @@ class ImageHit:
     query: str            # the query that found it
     width: int | None     # as the engine reports it; None when unknown
     height: int | None
-    source: str           # the engine's source label, e.g. "Bing"
-    license: str          # the license filter the search used ("" = any); engines report none per image
+    source: str           # the engine's source label, e.g. "Bing", "flickr"
+    license: str          # licenses.license_name of the image's licence; "" unknown (DuckDuckGo reports none)
     thumbnail: str = ""   # a small preview hosted by the engine
+    creator: str = ""     # who made it, as plain text
+    license_url: str = ""
+    attribution_required: bool = True  # unknown counts as required: a credit never hurts
+    provider: str = ""    # the source name in PROVIDERS that found it
+    skipped: str = ""     # why this result is no image we can use (an SVG, a video); "" when it is one
 
 
 class RateLimited(Exception):
-    """The engine refuses or answers nothing: slow down and try later."""
+    """The engine refuses or answers nothing: slow down and try later. retry_after: the seconds
+    the engine asked us to wait (Retry-After), None when it did not say."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SearchError(Exception):
@@ -49,7 +62,8 @@ class SearchError(Exception):
 
 
 class SearchTimeout(SearchError):
-    """The engine did not answer in time; retried with backoff like RateLimited."""
+    """The engine did not answer in time, or answered with a server error (5xx); retried with
+    backoff like RateLimited."""
 
 
 class SearchProvider(Protocol):
@@ -75,8 +89,10 @@ def _to_int(value: Any) -> int | None:
 
 
 class DDGSProvider:
-    """Image search through ddgs. Its DuckDuckGo engine is tried first, Bing's when it fails."""
+    """Image search through ddgs. Its DuckDuckGo engine is tried first, Bing's when it fails.
+    No engine says an image's licence, so every hit's licence is unknown ("")."""
 
+    source = "ddg"  # its name in search.PROVIDERS
     reach = ("duckduckgo.com", 443)  # where ddgs searches first: unreachable means offline
 
     def __init__(self, safesearch: str = "moderate", license_image: str | None = None,
@@ -85,9 +101,13 @@ class DDGSProvider:
         self.safesearch, self.license_image, self.region = safesearch, license_image, region
         self.timeout, self.type_image, self.backend = timeout, type_image, backend
         self.name = f"ddgs/{backend}/{region}/{safesearch}/{license_image or 'any'}/{type_image or 'any'}"
+        from ddgs import DDGS  # here: the CLI reads this module's source names without the HTTP stack
+
         self._ddgs = DDGS(timeout=timeout)
 
     def images(self, query: str, max_results: int) -> list[ImageHit]:
+        from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
+
         filters = {k: v for k, v in (("license_image", self.license_image), ("type_image", self.type_image)) if v}
         try:
             results = self._ddgs.images(query, region=self.region, safesearch=self.safesearch,
@@ -108,22 +128,8 @@ class DDGSProvider:
     def _to_hit(self, result: dict[str, Any], query: str) -> ImageHit:
         return ImageHit(url=result["image"], page_url=result.get("url") or "", title=result.get("title") or "",
                         query=query, width=_to_int(result.get("width")), height=_to_int(result.get("height")),
-                        source=result.get("source") or "", license=self.license_image or "",
-                        thumbnail=result.get("thumbnail") or "")
-
-
-# ---------------------------------------------------------------- providers by name
-
-PROVIDERS: dict[str, Callable[[], SearchProvider]] = {"ddgs": DDGSProvider}  # source name -> factory
-DEFAULT_SOURCE = "ddgs"  # no API key, any subject; its license filter is coarse
-
-
-def make_provider(source: str = DEFAULT_SOURCE) -> SearchProvider:
-    """The provider registered as source; SearchError with the valid names for an unknown one."""
-    factory = PROVIDERS.get(source)
-    if factory is None:
-        raise SearchError(f"unknown image source {source[:200]!r}; valid: {', '.join(PROVIDERS)}")
-    return factory()
+                        source=result.get("source") or "", license="",
+                        thumbnail=result.get("thumbnail") or "", provider="ddg")
 
 
 # ---------------------------------------------------------------- cache
@@ -187,10 +193,13 @@ class Pacer:
 @dataclass(frozen=True)
 class SearchReport:
     category: str
-    hits: tuple[ImageHit, ...]   # unique by url, in rank order, at most per_category
+    hits: tuple[ImageHit, ...]   # unique by url, in rank order, at most per_category, all admitted by the filter
     queries: tuple[str, ...]     # the queries actually run (cached ones included)
     errors: tuple[str, ...]      # messages for the user
     rate_limited: bool           # hits may be partial: the engine asked us to slow down
+    unlicensed: int = 0          # unique hits left out because the licence filter does not admit their licence
+    skipped: tuple[ImageHit, ...] = ()  # results that are no usable image, each with its reason (hit.skipped)
+    failed: bool = False         # every query failed: the engine is down or broken, not out of images
 
 
 def query_variants(category: str, extra_terms: str = "") -> list[str]:
@@ -209,16 +218,26 @@ def backoff_delay(attempt: int, pacing: SearchPacing, rand: Callable[[], float] 
     return min(pacing.max_backoff, pacing.backoff * 2 ** attempt) * (0.5 + 0.5 * rand())
 
 
+def _retry_delay(exc: Exception, attempt: int, pacing: SearchPacing) -> float | None:
+    """backoff_delay, or the engine's own Retry-After when it gave one; None when that is longer
+    than pacing.max_backoff: then telling the user beats waiting."""
+    asked = getattr(exc, "retry_after", None)
+    if asked is None:
+        return backoff_delay(attempt, pacing)
+    return None if asked > pacing.max_backoff else max(0.0, asked)
+
+
 def _search_with_backoff(provider: SearchProvider, query: str, max_results: int,
                          pacing: SearchPacing, sleep: Callable[[float], None]) -> list[ImageHit]:
     attempt = 0
     while True:
         try:
             return provider.images(query, max_results)
-        except (RateLimited, SearchTimeout):
-            if attempt >= pacing.retries:
+        except (RateLimited, SearchTimeout) as exc:
+            delay = _retry_delay(exc, attempt, pacing)
+            if attempt >= pacing.retries or delay is None:
                 raise
-            sleep(backoff_delay(attempt, pacing))
+            sleep(delay)
             attempt += 1
 
 
@@ -233,8 +252,12 @@ def search_category(
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     pacer: Pacer | None = None,
+    license_filter: str = "any",
+    exclude: frozenset[str] = frozenset(),
 ) -> SearchReport:
-    """Run the query variants of one category until per_category unique image URLs are found.
+    """Run the query variants of one category until per_category unique image URLs are found
+    whose licence license_filter admits (licenses.admits); URLs in exclude (found already by
+    another source) do not count.
 
     Every live call but the first waits pacing.pause; a caller searching several categories
     passes them one pacer, so the pause also falls between categories, and only before a live
@@ -244,9 +267,12 @@ def search_category(
     pacer = pacer or Pacer(pacing.pause, sleep)
     queries = query_variants(category, extra_terms)
     hits: dict[str, ImageHit] = {}
+    unlicensed: set[str] = set()
+    skipped: dict[str, ImageHit] = {}
     ran: list[str] = []
     errors: list[str] = []
     rate_limited = False
+    answered = 0
     for done, query in enumerate(queries, start=1):
         if len(hits) >= per_category or (should_stop and should_stop()):
             break
@@ -269,9 +295,19 @@ def search_category(
                     cache.put(provider.name, query, per_category, found)
                 except OSError as exc:  # the hits are still good; only the next search repeats the call
                     errors.append(f"Could not cache results for {query!r}: {exc}")
+        answered += found is not None
         for hit in found or ():
-            hits.setdefault(hit.url, hit)
+            if hit.url in exclude or hit.url in hits:
+                continue
+            if hit.skipped:
+                skipped.setdefault(hit.url, hit)
+            elif admits(license_filter, hit.license):
+                hits[hit.url] = hit
+            else:
+                unlicensed.add(hit.url)
         if on_progress:
             on_progress(done, len(queries))
     return SearchReport(category=category, hits=tuple(list(hits.values())[:per_category]),
-                        queries=tuple(ran), errors=tuple(errors), rate_limited=rate_limited)
+                        queries=tuple(ran), errors=tuple(errors), rate_limited=rate_limited,
+                        unlicensed=len(unlicensed - hits.keys()), skipped=tuple(skipped.values()),
+                        failed=bool(ran) and not answered and not rate_limited)

@@ -51,6 +51,11 @@ SCHEMA = (
         height INTEGER NOT NULL DEFAULT 0,
         created_at REAL NOT NULL,
         added_at REAL NOT NULL,
+        title TEXT NOT NULL DEFAULT '',
+        creator TEXT NOT NULL DEFAULT '',
+        license_url TEXT NOT NULL DEFAULT '',
+        attribution_required INTEGER NOT NULL DEFAULT 1,
+        provider TEXT NOT NULL DEFAULT '',
         UNIQUE (project_id, content_hash))""",
     "CREATE INDEX IF NOT EXISTS images_by_hash ON images(content_hash)",
     "CREATE INDEX IF NOT EXISTS images_by_category ON images(category_id)",
@@ -78,6 +83,16 @@ SCHEMA = (
         finished_at REAL,
         updated_at REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status)",
+)
+
+# Columns added since the first stores: (table, column, definition). A store made before them
+# gets each column, with its default, the first time a newer NanoStream opens it.
+MIGRATIONS = (
+    ("images", "title", "TEXT NOT NULL DEFAULT ''"),
+    ("images", "creator", "TEXT NOT NULL DEFAULT ''"),
+    ("images", "license_url", "TEXT NOT NULL DEFAULT ''"),
+    ("images", "attribution_required", "INTEGER NOT NULL DEFAULT 1"),  # unknown: a credit never hurts
+    ("images", "provider", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -110,6 +125,16 @@ class Database:
         with self._write() as conn:
             for statement in SCHEMA:
                 conn.execute(statement)
+            self._migrate(conn)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Add the MIGRATIONS columns an older store lacks (inside the opening write transaction,
+        so two processes opening one old store never both add a column)."""
+        for table, column, definition in MIGRATIONS:
+            present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:

@@ -24,11 +24,13 @@ from typing import Sequence
 
 from .. import paths
 from .jobs_table import JobsTable
+from .licenses import attribution_markdown, credit
 from .models_table import ModelsTable
 from .records import (SOURCES, Category, ImageRecord, Project, Provenance, StoreError, clean_name, content_hash,
                       name_key)
 
 TEMP_PREFIX = ".tmp-"  # dot-prefixed: invisible to scan_folder and to "*.jpg" globs
+ATTRIBUTION_FILE = "ATTRIBUTION.md"  # beside an export's category folders: a file, so scan_folder skips it
 
 _IMAGE_SELECT = """SELECT i.*, p.name AS project_name, c.name AS category_name
     FROM images i JOIN projects p ON p.id = i.project_id JOIN categories c ON c.id = i.category_id"""
@@ -239,7 +241,9 @@ class Store(JobsTable, ModelsTable):
     @staticmethod
     def _image_from_row(row) -> ImageRecord:
         provenance = Provenance(row["source"], row["query"], row["page_url"], row["image_url"], row["final_url"],
-                                row["license"], row["original_name"], row["width"], row["height"], row["created_at"])
+                                row["license"], row["original_name"], row["width"], row["height"], row["created_at"],
+                                row["title"], row["creator"], row["license_url"], bool(row["attribution_required"]),
+                                row["provider"])
         return ImageRecord(row["id"], row["project_name"], row["category_name"], row["content_hash"],
                            provenance, row["added_at"])
 
@@ -266,10 +270,12 @@ class Store(JobsTable, ModelsTable):
             p = provenance
             image_id = conn.execute(
                 """INSERT INTO images (project_id, category_id, content_hash, source, query, page_url, image_url,
-                   final_url, license, original_name, width, height, created_at, added_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   final_url, license, original_name, width, height, created_at, added_at, title, creator,
+                   license_url, attribution_required, provider)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (prow["id"], crow["id"], digest, p.source, p.query, p.page_url, p.image_url, p.final_url,
-                 p.license, p.original_name, int(p.width), int(p.height), float(p.created_at), time.time())).lastrowid
+                 p.license, p.original_name, int(p.width), int(p.height), float(p.created_at), time.time(),
+                 p.title, p.creator, p.license_url, int(bool(p.attribution_required)), p.provider)).lastrowid
             row = conn.execute(f"{_IMAGE_SELECT} WHERE i.id = ?", (image_id,)).fetchone()
             return self._image_from_row(row), True
 
@@ -328,12 +334,16 @@ class Store(JobsTable, ModelsTable):
             return {name: n for name, n in rows}
 
     def export_dataset(self, project: str, directory: str | Path) -> int:
-        """Copy the project to DIR/<category>/<hash>.jpg (the layout data.scan_folder reads).
-        Returns how many images were written."""
+        """Copy the project to DIR/<category>/<hash>.jpg (the layout data.scan_folder reads), with
+        DIR/ATTRIBUTION.md crediting every image (licenses.attribution_markdown). Returns how many
+        images were written."""
         directory = Path(directory)
-        for category in self.list_categories(project):
+        name = self.get_project(project).name
+        for category in self.list_categories(name):
             (directory / category.name).mkdir(parents=True, exist_ok=True)
-        records = self.list_images(project)
+        records = self.list_images(name)
         for record in records:
             shutil.copyfile(self.image_path(record), directory / record.category / f"{record.content_hash}.jpg")
+        credits = (credit(record, f"{record.category}/{record.content_hash}.jpg") for record in records)
+        (directory / ATTRIBUTION_FILE).write_text(attribution_markdown(name, credits), encoding="utf-8")
         return len(records)

@@ -52,11 +52,16 @@ class Provenance:
     page_url: str = ""            # the page that showed it, if known
     image_url: str = ""           # the URL it was requested from
     final_url: str = ""           # where that URL ended up after redirects
-    license: str = ""             # empty: unknown, which is the common case for web images
+    license: str = ""             # as licenses.license_name shows it; empty: unknown (uploads, DuckDuckGo)
     original_name: str = ""       # file name (or path inside an archive) as the user had it
     width: int = 0                # pixels of the stored image; 0: unknown
     height: int = 0
     created_at: float = field(default_factory=time.time)  # when it was obtained
+    title: str = ""               # the image's title where its source gives one
+    creator: str = ""             # who made it, as its source credits them (plain text)
+    license_url: str = ""         # the licence's deed, linked from the credits
+    attribution_required: bool = True  # unknown counts as required: a credit never hurts
+    provider: str = ""            # the search source that found it ("openverse", "wikimedia", "ddg"); "" if none
 
 
 @dataclass(frozen=True)
