@@ -13,7 +13,6 @@ and the pooled counts with 95% Wilson intervals:
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import tempfile
@@ -40,15 +39,6 @@ class LabelNoiseResult:
     @property
     def recall(self) -> float:
         return self.found / self.planted if self.planted else 0.0
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of k successes in n: honest at the few dozen photos measured here."""
-    if n == 0:
-        return 0.0, 1.0
-    p, z2 = k / n, z * z
-    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _categories(root: Path) -> dict[str, list[Path]]:
@@ -95,6 +85,7 @@ def measure(dataset_dir: Path, per_class: int = 20, seed: int = 0,
 
 def main(argv: list[str] | None = None) -> None:
     from nanostream.engine.device import machine_summary
+    from nanostream.engine.metrics import wilson_interval as wilson
     from nanostream.paths import datasets_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

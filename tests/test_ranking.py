@@ -106,7 +106,8 @@ def test_planted_bee_and_flower_rank_first(store, datasets):
     assert [len(ranked["ants"]), len(ranked["bees"])] == [14, 12]
     assert {s.image_id for s in ranked["ants"][:2]} == {planted_bee, planted_daisy}
     bee, daisy = (next(s for s in ranked["ants"] if s.image_id == i) for i in (planted_bee, planted_daisy))
-    assert bee.reasons == (Reason(Finding.LOOKS_LIKE, "looks like bees (100%)"),)  # out of fold: a bee
+    assert bee.reasons[0] == Reason(Finding.LOOKS_LIKE, "looks like bees (100%)")  # out of fold: a bee
+    assert {r.finding for r in bee.reasons} <= {Finding.LOOKS_LIKE, Finding.OFF_TOPIC}  # and unlike the ants
     assert Reason(Finding.OFF_TOPIC, "unlike every other photo of ants") in daisy.reasons
     flagged = {s.image_id for suspects in ranked.values() for s in suspects if s.flagged}
     assert {planted_bee, planted_daisy} <= flagged and len(flagged) <= 6  # 4 borderline real photos besides

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..flows.collect import DEFAULT_PER_CATEGORY
+from ..flows.review import REVIEW_BACKBONES
 from ..sources.providers import AUTO, SOURCES
 from ..store.db import ATTRIBUTION_FILE
 from ..store.licenses import DEFAULT_FILTER, LICENSE_FILTERS
@@ -235,7 +236,7 @@ def cmd_images_review(args) -> None:
     bars = StageBars(not args.quiet)
     with _store() as store:
         project = store.get_project(args.project).name
-        ranked = rank_suspicious(store, project, args.backbone, on_progress=bars.bar("features"))
+        ranked = rank_suspicious(store, project, args.backbone.split(","), on_progress=bars.bar("features"))
     payload = {name: [s.to_dict() for s in suspects] for name, suspects in ranked.items()}
     lines = []
     for name, suspects in ranked.items():
@@ -306,7 +307,8 @@ def register(sub, command) -> None:
     p = images("review", cmd_images_review, "each category's images, most suspicious (off-topic, mislabelled, "
                                             "duplicate) first")
     p.add_argument("project")
-    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--backbone", default=",".join(REVIEW_BACKBONES),
+                   help="comma-separated backbones whose features are compared side by side (default: the Lite trio)")
     p.add_argument("--top", type=int, default=5, help="lines per category in the text output (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
