@@ -1,4 +1,4 @@
-"""How good the model is and how honestly it says so: today's build (git HEAD) against this tree's, one run.
+"""How good the model is and how honestly it says so: the build before issue 14 (--baseline) against this tree's, one run.
 
 For hymenoptera and flowers at --per-class training photos per class (hymenoptera scored on its
 val/, flowers on the photos not drawn for training), with no val/ given to the build (the app's
@@ -95,9 +95,13 @@ def link(train: dict[str, list[Path]], dest: Path) -> Path:
     return dest
 
 
-def todays_code(work: Path) -> Path:
-    """git HEAD's nanostream package, unpacked: today's build, run beside this tree's."""
-    archive = subprocess.run(["git", "archive", "HEAD", "nanostream"], cwd=REPO, capture_output=True, check=True)
+# The last commit before issue 14's build: the hold-out headline and the best-CV backbone choice.
+BASELINE = "e60267a"
+
+
+def todays_code(work: Path, ref: str = BASELINE) -> Path:
+    """That commit's nanostream package, unpacked: the build before, run beside this tree's."""
+    archive = subprocess.run(["git", "archive", ref, "nanostream"], cwd=REPO, capture_output=True, check=True)
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
         tar.extractall(work / "head", filter="data")
     return work / "head"
@@ -171,14 +175,20 @@ def assess(path: str, val: dict[str, list[Path]], other: list[Path]) -> dict:
             "other_unknown": float(foreign.unknown.float().mean()), "auroc": auroc, "n_other": len(other)}
 
 
-def label_noise_figures(root: Path, per_class: int) -> str:
-    """Engineer B's planted-noise bench (10% swapped labels, 10% off-topic photos), when it exists."""
-    try:
-        from bench import label_noise
-    except ImportError:
-        return "label issues: bench/label_noise.py is not there yet (engineer B); call label_noise.main() here"
-    return str(label_noise.run(root, per_class)) if hasattr(label_noise, "run") else (
-        "label issues: bench/label_noise.py has no run(root, per_class); run it on its own")
+def label_noise_figures(root: Path, per_class: int, seeds: list[int]) -> None:
+    """The review on noisy copies (bench/label_noise.py: 10% swapped labels, 10% off-topic photos)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import label_noise
+
+    from nanostream.engine.metrics import wilson_interval
+    for name in SETS:
+        other = next(n for n in SETS if n != name)
+        results = [label_noise.measure(root / name, per_class, seed, root / other) for seed in seeds]
+        found, flagged, planted = (sum(getattr(r, k) for r in results) for k in ("found", "flagged", "planted"))
+        (p_lo, p_hi), (r_lo, r_hi) = wilson_interval(found, flagged), wilson_interval(found, planted)
+        print(f"label issues, {name} ({len(seeds)} noisy copies, {planted} planted): precision {found}/{flagged} = "
+              f"{found / max(flagged, 1):.2f} ({p_lo:.2f}-{p_hi:.2f}), recall {found}/{planted} = "
+              f"{found / max(planted, 1):.2f} ({r_lo:.2f}-{r_hi:.2f})")
 
 
 def main() -> None:
@@ -186,6 +196,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="seed 0 only")
+    parser.add_argument("--baseline", default=BASELINE, help="the commit whose build is compared (default: before issue 14)")
     args = parser.parse_args()
     seeds = [0] if args.quick else args.seeds
     print(machine_summary())
@@ -196,7 +207,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         work = Path(tmp)
         os.environ["NANOSTREAM_HOME"] = str(work / "home-bench")  # this process's prepared backbones
-        head_code = todays_code(work)
+        head_code = todays_code(work, args.baseline)
         for seed in seeds:
             drawn = {name: draw(root, name, args.per_class, seed) for name in SETS}
             for name in SETS:
@@ -221,7 +232,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summarise(rows)
-    print(label_noise_figures(root, args.per_class))
+    label_noise_figures(root, args.per_class, seeds)
 
 
 def summarise(rows: list[dict]) -> None:

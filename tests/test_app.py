@@ -276,6 +276,15 @@ def test_images_upload_zip_warnings_move_and_delete(home, store, datasets):
     assert "Deleted 1 image(s)." in texts(at.success)
     assert store.counts("insects")["ants"] == 1
 
+    # the magnifier enlarges a photo, and it stays open through a rerun until closed
+    kept = store.list_images("insects", "ants")[0].id
+    at.button(key=f"images_zoom_{kept}").click().run()
+    assert f"#{kept} in **ants**" in texts(at.caption)
+    at.run()
+    assert f"#{kept} in **ants**" in texts(at.caption)
+    at.button(key="images_zoom_close").click().run()
+    assert f"#{kept} in **ants**" not in texts(at.caption)
+
 
 def test_images_page_reads_the_rankings_findings_not_its_words(home, store, datasets, tmp_path):
     """A finished ranking that files one photo under two labels: the page counts it by its Finding,

@@ -127,7 +127,13 @@ def credit(record: ImageRecord) -> str:
     return source + text + (f" · {p.creator}" if p.creator else "")
 
 
-@st.dialog("Photo", width="large")
+def _forget_zoom() -> None:
+    st.session_state.pop("images_zoom", None)
+
+
+# The enlarged photo's id lives in session state, not in its button's click: a rerun (the
+# ranking's progress finishing, a tick elsewhere) would otherwise close the dialog at once.
+@st.dialog("Photo", width="large", on_dismiss=_forget_zoom)
 def photo_dialog(path: str, record: ImageRecord, reasons: Sequence) -> None:
     """One photo at its stored size, where it came from, and why it was flagged."""
     st.image(path, width="stretch")
@@ -136,6 +142,8 @@ def photo_dialog(path: str, record: ImageRecord, reasons: Sequence) -> None:
     st.caption(f"#{record.id} in **{record.category}** · {where}" + (f" · {credit(record)}" if credit(record) else ""))
     for reason in reasons:
         st.warning(reason.text)
+    if st.button("Close", key="images_zoom_close", on_click=_forget_zoom):
+        st.rerun()
 
 
 @st.dialog("Delete photos?")
@@ -210,7 +218,9 @@ def review_grid_ui(store: Store, project: str, names: Sequence[str], ranked: Map
             column.image(thumbnail(path), width="stretch")
             tick, zoom = column.columns([3, 1], vertical_alignment="center")
             tick.checkbox(f"#{record.id}", key=f"images_sel_{record.id}")
-            if zoom.button("", icon=":material/zoom_in:", key=f"images_zoom_{record.id}", help="Enlarge"):
+            zoom.button("", icon=":material/zoom_in:", key=f"images_zoom_{record.id}", help="Enlarge",
+                        on_click=st.session_state.__setitem__, args=("images_zoom", record.id))
+            if st.session_state.get("images_zoom") == record.id:
                 photo_dialog(path, record, reasons)
             for reason in reasons:
                 column.caption(f":warning: {reason.text}")
