@@ -28,7 +28,8 @@ from model_fixture import TinyModel, serving_home
 from nanostream.cli import main as cli
 from nanostream.store import keys
 from nanostream.api.app import create_app
-from nanostream.api.limits import RateLimiter, client_id, decoded_pixels
+from nanostream.access import RateLimiter
+from nanostream.api.limits import client_id, decoded_pixels
 from nanostream.api.service import ServeConfig
 from nanostream.api.batching import BatchConfig, BatcherClosed, MicroBatcher
 from nanostream.engine.images import decode_image, normalize_image
@@ -349,19 +350,20 @@ def test_batching_off_gives_the_same_predictions(served, client):
     assert_same_predictions(alone, batched)
 
 
-def _blocking_forward(calls: list, started: threading.Event, release: threading.Event):
+def blocking_forward(calls: list, started: threading.Event, release: threading.Event, scale: float = 2):
+    """A forward pass that records its batch sizes and holds its first pass until `release`."""
     def forward(x):
         calls.append(len(x))
         if len(calls) == 1:
             started.set()
             assert release.wait(10)
-        return x * 2
+        return x * scale
     return forward
 
 
 def test_batcher_merges_what_waits_behind_a_forward_pass():
     calls, started, release = [], threading.Event(), threading.Event()
-    batcher = MicroBatcher(_blocking_forward(calls, started, release), BatchConfig(max_batch=8, max_wait_ms=1))
+    batcher = MicroBatcher(blocking_forward(calls, started, release), BatchConfig(max_batch=8, max_wait_ms=1))
     first = batcher.submit(torch.ones(1, 2))
     assert started.wait(10)
     sizes = (4, 3, 1, 4)
@@ -378,7 +380,7 @@ def test_batcher_merges_what_waits_behind_a_forward_pass():
 
 def test_batcher_errors_reach_every_request_and_cancelled_ones_are_skipped():
     calls, started, release = [], threading.Event(), threading.Event()
-    forward = _blocking_forward(calls, started, release)
+    forward = blocking_forward(calls, started, release)
 
     def failing(x):
         forward(x)
@@ -456,7 +458,7 @@ def test_concurrent_requests_with_two_workers(served):
 
 def test_a_second_worker_waits_for_spill_images_while_one_runs():
     calls, started, release = [], threading.Event(), threading.Event()
-    batcher = MicroBatcher(_blocking_forward(calls, started, release),
+    batcher = MicroBatcher(blocking_forward(calls, started, release),
                            BatchConfig(max_batch=8, workers=2, spill=3))
     first = batcher.submit(torch.ones(1, 2))
     assert started.wait(10)  # one worker is busy with the first request

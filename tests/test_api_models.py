@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from model_fixture import TinyModel, serving_home
+from test_api import blocking_forward
 from nanostream.api.app import create_app
 from nanostream.api.batching import BatchConfig, BatcherClosed, MicroBatcher
 from nanostream.api.service import ServeConfig
@@ -93,13 +94,7 @@ def test_a_pass_runs_the_backbone_once_then_each_requests_own_head():
     """The batcher alone: one forward pass for submissions of two "models", each then gets its own
     head's answer on its own rows, and a failing head fails its own request only."""
     calls, started, release = [], threading.Event(), threading.Event()
-
-    def backbone(x):
-        calls.append(len(x))
-        if len(calls) == 1:
-            started.set()
-            assert release.wait(10)
-        return x * 10
+    backbone = blocking_forward(calls, started, release, scale=10)
 
     def broken_head(rows):
         raise ValueError("head damaged")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from PIL import Image
 
-from ..access import RateLimiter, client_of  # noqa: F401 - RateLimiter: service.py builds the API's budget from here
+from ..access import client_of
 from ..store.keys import ApiKey
 from .schemas import ApiError, error_response
 

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from ..access import api_budget
+from ..access import RateLimiter, api_budget
 from ..engine.bundle import BundleError
 from ..engine.models import model_path, read_registered, scan_models
 from .batching import BatchConfig, BatcherClosed, MicroBatcher
-from .limits import DecodeTurns, RateLimiter
+from .limits import DecodeTurns
 
 if TYPE_CHECKING:  # the server imports the models' code when it loads the first one
     from ..engine.predict import Classifier, Outputs
