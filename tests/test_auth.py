@@ -113,6 +113,8 @@ def test_sign_in_lets_editors_edit_and_others_see_demos_only(app_url, browser, s
     # an editor gets the projects
     editor = signed_in_page(browser, app_url, EDITOR)
     editor.get_by_role("heading", name="Your projects").wait_for()
+    # the list streams in after its heading: wait for the project, not just the page
+    editor.locator("[data-testid='stMain']").get_by_text("insects").first.wait_for()
     assert "insects" in main_text(editor)
     assert f"Signed in as {EDITOR}" in editor.locator("[data-testid='stSidebar']").inner_text()
     shots(editor, "auth-04-editor")
