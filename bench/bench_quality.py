@@ -3,7 +3,8 @@
 For hymenoptera and flowers at --per-class training photos per class (hymenoptera scored on its
 val/, flowers on the photos not drawn for training), with no val/ given to the build (the app's
 usual case), it prints:
-  - val accuracy of today's build (HEAD's train: the hold-out and the best-CV choice), of each
+  - val accuracy of today's build (HEAD's train: the hold-out and the best-CV choice), of this
+    tree's build with the one-standard-error choice (choice.choose_backbone's rule="one-se"), of each
     single-backbone linear probe, of a head on the concatenated features and of an ensemble of the
     per-backbone heads (with their cost in GFLOPs), and of this tree's build;
   - this build's headline (out of fold, every photo), its Wilson 95% interval and whether it
@@ -38,14 +39,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("BENCH_CODE", str(REPO)))
 
 
-def child(data: Path) -> None:
-    """One automatic build, timed from its first line of work, in whichever code BENCH_CODE holds."""
+def child(data: Path, selection: str | None = None) -> None:
+    """One automatic build, timed from its first line of work, in whichever code BENCH_CODE holds
+    (this tree's with another backbone-choice rule when `selection` is given)."""
     from nanostream.engine.data import scan_folder
     from nanostream.engine.models import save_trained
     from nanostream.engine.train import TrainConfig, train
 
     started = time.perf_counter()
-    result = train(scan_folder(data), TrainConfig())
+    result = train(scan_folder(data), TrainConfig(selection=selection) if selection else TrainConfig())
     seconds = time.perf_counter() - started
     _, path = save_trained(result)
     estimate = getattr(result, "estimate", None)  # today's build has none
@@ -55,7 +57,7 @@ def child(data: Path) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    child(Path(sys.argv[2]))
+    child(Path(sys.argv[2]), *sys.argv[3:4])
     sys.exit(0)
 
 import torch  # noqa: E402
@@ -107,10 +109,10 @@ def todays_code(work: Path, ref: str = BASELINE) -> Path:
     return work / "head"
 
 
-def build(code: Path, data: Path, home: Path) -> dict:
+def build(code: Path, data: Path, home: Path, *selection: str) -> dict:
     """One automatic build in a new process with an empty feature cache: its seconds, model and headline."""
     env = {**os.environ, "BENCH_CODE": str(code), "NANOSTREAM_HOME": str(home)}
-    proc = subprocess.run([sys.executable, __file__, "--child", str(data)], cwd=code, env=env,
+    proc = subprocess.run([sys.executable, __file__, "--child", str(data), *selection], cwd=code, env=env,
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
@@ -217,13 +219,16 @@ def main() -> None:
                 data = link(train, work / f"{name}-{seed}")
                 today = build(head_code, data, work / f"home-head-{name}-{seed}")
                 new = build(REPO, data, work / f"home-new-{name}-{seed}")
+                one_se = build(REPO, data, work / f"home-one-se-{name}-{seed}", "one-se")
                 old = assess(today["path"], val, other)
                 now = assess(new["path"], val, other)
+                by_one_se = assess(one_se["path"], val, other)
                 probe = probes(train, val, FeatureCache(work / f"home-new-{name}-{seed}" / "features"))
                 low, high = new["interval"]
                 row = dict(set=name, seed=seed, today=old["accuracy"], today_backbone=today["backbone"],
                            today_headline=today["headline"], today_headline_n=today["n_headline"],
                            new=now["accuracy"], new_backbone=new["backbone"], headline=new["headline"],
+                           one_se=by_one_se["accuracy"], one_se_backbone=one_se["backbone"],
                            interval=[low, high], covers=low - 1e-9 <= now["accuracy"] <= high + 1e-9,
                            n_val=now["n_val"], probes=probe, ece_before=now["ece_before"], ece_after=now["ece_after"],
                            temperature=now["temperature"], own_unknown=now["own_unknown"],
@@ -244,7 +249,7 @@ def summarise(rows: list[dict]) -> None:
         best_probe = statistics.mean(max(v for k, v in r["probes"].items() if k in available_backbones())
                                      for r in mine)
         print(f"\n{name} ({len(mine)} draws of {mine[0]['n_val']} val photos): today {mean('today'):.3f}, "
-              f"new {mean('new'):.3f}, best single probe {best_probe:.3f}; "
+              f"new {mean('new'):.3f} (one-SE rule {mean('one_se'):.3f}), best single probe {best_probe:.3f}; "
               + ", ".join(f"{k} {statistics.mean(r['probes'][k] for r in mine):.3f}" for k in mine[0]["probes"]))
         print(f"  headline: new intervals cover val {sum(r['covers'] for r in mine)}/{len(mine)}; "
               f"ECE on val {mean('ece_before'):.3f} -> {mean('ece_after'):.3f}; "

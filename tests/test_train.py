@@ -39,7 +39,7 @@ def test_auto_backbone_scores_every_candidate_and_picks_the_cheapest_of_the_best
     scores = {c.backbone: c.cv_accuracy for c in result.candidates}
     assert set(scores) >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     best = max(scores.values())
-    tied = [c for c in result.candidates if c.cv_accuracy >= best - standard_error(best, result.n_train) - 1e-9]
+    tied = [c for c in result.candidates if c.cv_accuracy >= best - 1e-9]
     assert result.backbone == min(tied, key=lambda c: c.gflops).backbone
 
 
@@ -137,17 +137,20 @@ def test_near_duplicates_never_straddle_the_split(datasets, tmp_path):
         assert {i.label for i in val} == {"ants", "bees"}
 
 
-def test_the_choice_takes_the_cheapest_within_one_standard_error_and_keeps_the_preferred():
+def test_the_choice_takes_the_best_score_the_cheaper_on_a_tie_and_keeps_the_preferred():
     cheap, dear, broken = (Candidate("cheap", 0.80, 1.0, 0.4), Candidate("dear", 0.80, 2.0, 4.0),
                            Candidate("broken", None, 0.0, 0.1, "no weights"))
     better = Candidate("better", 0.90, 3.0, 8.0)
     assert choose_backbone([dear, cheap, broken]) == cheap
-    # 0.10 apart: more than one standard error of 0.90 on 10 photos (0.095), within it on 9 (0.10)
-    assert choose_backbone([cheap, better], n_train=10) == better
-    assert choose_backbone([cheap, better], n_train=9) == cheap
-    assert choose_backbone([cheap, better], n_train=9, rule="best") == better  # the rule before
+    assert choose_backbone([cheap, better], n_train=9) == better
+    # one-se: 0.10 apart is more than one standard error of 0.90 on 10 photos (0.095), within it on 9 (0.10)
+    assert choose_backbone([cheap, better], n_train=10, rule="one-se") == better
+    assert choose_backbone([cheap, better], n_train=9, rule="one-se") == cheap
     assert choose_backbone([cheap, better], prefer="cheap", n_train=10) == cheap    # 0.10 is one image in 10
-    assert choose_backbone([cheap, better], prefer="cheap", n_train=40) == better   # four images in 40
+    assert choose_backbone([cheap, better], prefer="cheap", n_train=11) == better   # more than one in 11
+    close = Candidate("close", 0.86, 3.0, 8.0)  # 0.06 better: over one image in 20, within one-se's 0.078
+    assert choose_backbone([cheap, close], prefer="cheap", n_train=20) == close
+    assert choose_backbone([cheap, close], prefer="cheap", n_train=20, rule="one-se") == cheap
     assert choose_backbone([cheap, better], prefer="broken", n_train=10) == better  # an unusable one is not kept
     with pytest.raises(BackboneUnavailable, match="^no weights$"):
         choose_backbone([broken])
@@ -157,7 +160,7 @@ def test_a_rebuild_keeps_the_previous_backbone_unless_another_is_clearly_better(
     data = scan_folder(tiny_hymenoptera)
     first = auto_build
     scores = {c.backbone: c.cv_accuracy for c in first.candidates}
-    margin = max(1 / first.n_train, standard_error(max(scores.values()), first.n_train))
+    margin = 1 / first.n_train
     for name, score in scores.items():
         again = train(data, TrainConfig(augment="none", prefer=name))
         clearly_better = max(scores.values()) - score > margin + 1e-9

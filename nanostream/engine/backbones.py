@@ -14,10 +14,12 @@ import functools
 import hashlib
 import importlib
 import os
+from importlib.metadata import version
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -203,13 +205,13 @@ def build_architecture(spec: BackboneSpec, device: str = "cpu") -> nn.Module:
 def weights_key(name: str) -> str:
     """Identifies the installed weights, and the code that reads them, without reading them: the
     file's path, size and modification time, with torch's and timm's versions. What is derived
-    from the weights and kept on disk (their fingerprint, inference-ready copies) is keyed by it."""
-    import timm
-
+    from the weights and kept on disk (their fingerprint, inference-ready copies) is keyed by it.
+    timm's version is read from its package metadata: importing timm imports torchvision and, through
+    it, torch._dynamo, ~2.5 s of a new process that needs neither when its features are cached."""
     spec = get_spec(name)
     path = _lite_weights_file(spec) if spec.source == "bundled" else download_weights(spec)
     stat = path.stat()
-    identity = f"{name}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{torch.__version__}|{timm.__version__}"
+    identity = f"{name}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{torch.__version__}|{version('timm')}"
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -258,15 +260,26 @@ def prepare_image(image, spec: BackboneSpec) -> torch.Tensor:
     torch's antialiased uint8 kernels are 3-4x faster than PIL's resampling (a 500 px photo:
     0.5 vs 1.6 ms, a tenth of a backbone pass) and agree with it within 1-2 levels of 255.
     """
-    from torchvision.transforms.v2 import functional as F
-
-    pixels = F.pil_to_tensor(image)  # (3, H, W) uint8
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8, channels last in memory
     h, w = pixels.shape[1:]
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = spec.resize_size, int(spec.resize_size * long / short)  # torchvision's sizes
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    mode = F.InterpolationMode.BICUBIC if spec.interpolation == "bicubic" else F.InterpolationMode.BILINEAR
-    resized = F.resize(pixels, [new_h, new_w], interpolation=mode, antialias=True)
+    resized = _resize_uint8(pixels, new_h, new_w, spec.interpolation)
     crop = spec.input_size
     left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))  # CenterCrop's offsets
     return resized[:, top:top + crop, left:left + crop].float().div_(255)
+
+
+def _resize_uint8(pixels: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
+    """torchvision.transforms.v2.functional.resize(antialias=True) on uint8, with torch alone:
+    importing torchvision imports torch._dynamo (~2 s of every new process). As there, torch's
+    uint8 kernels serve bicubic always and bilinear where the CPU has AVX2; otherwise the
+    pixels go through float and are rounded back."""
+    if (height, width) == tuple(pixels.shape[1:]):
+        return pixels
+    native = interpolation == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    batch = pixels[None] if native else pixels[None].float()
+    out = torch.nn.functional.interpolate(batch, size=[height, width], mode=interpolation,
+                                          align_corners=False, antialias=True)[0]
+    return out if native else out.clamp_(0, 255).round_().to(torch.uint8)

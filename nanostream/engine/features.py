@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ CLUSTER_MIN_IMAGES = 64
 FEATURES_VERSION = 3
 
 Progress = Callable[[int, int], None]
+# np.load parses each file's header with ast.literal_eval, and CPython 3.11's AST construction is
+# not safe on two threads at once: the feature workers' lookups raised "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905). Reads take turns; they are small.
+_HEADER_LOCK = threading.Lock()
 
 
 class FeatureCache:
@@ -58,7 +63,8 @@ class FeatureCache:
     def get(self, digest: str, backbone: str, mode: str, group: str) -> np.ndarray | None:
         path = self._path(digest, backbone, mode, group)
         try:
-            return np.load(path, allow_pickle=False)
+            with _HEADER_LOCK:
+                return np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             return None  # missing or damaged: recompute
 

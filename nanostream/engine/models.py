@@ -182,10 +182,9 @@ def save_trained(result, out: str | Path | None = None, project: str | None = No
     credits: the training photos' "licenses" and "credits" (store.licenses.bundle_credits)."""
     import datetime
     from dataclasses import asdict
+    from importlib.metadata import version
 
-    import timm
     import torch
-    import torchvision
 
     from .. import __version__
     from .backbones import get_spec, weights_fingerprint
@@ -214,7 +213,7 @@ def save_trained(result, out: str | Path | None = None, project: str | None = No
         "train_seconds": round(result.seconds, 3),
         "data_fingerprint": result.data_fingerprint,
         "versions": {"nanostream": __version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "timm": timm.__version__},
+                     "torchvision": version("torchvision"), "timm": version("timm")},
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     meta.update(credits or {})  # a model says what its photos allow (the Share and Demo pages show it)

@@ -28,7 +28,7 @@ from .choice import Candidate, choose_backbone
 from .data import Dataset, LabeledImage, check_trainable, stratified_split
 from .device import default_device, precision
 from .features import FeatureCache, Features, extract_features
-from .inference import inference_backbone
+from .inference import imagenet_head as imagenet_head_of
 from .head import Head, fit_head, out_of_fold_logits
 from .metrics import Estimate, classification_report, estimate
 from .unknown import UnknownDetector, fit_unknown
@@ -57,7 +57,7 @@ class TrainConfig:
     prefer: str | None = None     # the previous build's backbone: kept unless another's cross-validated
                                   # accuracy is more than one image better (CV on tens of images moves
                                   # by about that between rebuilds, and a switch recomputes every view)
-    selection: str = "one-se"     # choice.choose_backbone's rule; "best" is the rule before it
+    selection: str = "best"       # choice.choose_backbone's rule: "best" or "one-se"
 
     def policy(self) -> AugmentPolicy:
         policy = get_policy(self.augment)
@@ -171,7 +171,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     oof = out_of_fold_logits(original, y_train, len(labels), config.seed, repeats=repeats, views=augmented)
     calibration = calibrate(oof, y_train)
     oof_probs = torch.softmax(oof / calibration.temperature, 2).mean(0)
-    imagenet_head = inference_backbone(winner, str(device), precision(device)).imagenet_head
+    imagenet_head = imagenet_head_of(winner, str(device), precision(device))
     unknown = fit_unknown(original, y_train, oof_probs.argmax(1), imagenet_head, config.seed)
     head = fit_head(_with_views(original, augmented), _with_views_targets(y_train, augmented), len(labels))
     progress("cross-validating", 1, 1)

@@ -291,7 +291,7 @@ def _side_by_side(paths: Sequence, names: Sequence[str], backbones: Sequence[str
 
     from ..engine.device import default_device, precision
     from ..engine.features import extract_features
-    from ..engine.inference import inference_backbone
+    from ..engine.inference import imagenet_head
     from ..engine.unknown import semantic
 
     device = default_device()
@@ -302,7 +302,7 @@ def _side_by_side(paths: Sequence, names: Sequence[str], backbones: Sequence[str
                 on_progress(before * total + done, len(backbones) * total)
         feats = extract_features(paths, backbone, cache=cache, on_progress=step, names=names)
         features.append(feats.original.float())
-        meanings.append(semantic(feats.original, inference_backbone(backbone, str(device), precision(device)).imagenet_head))
+        meanings.append(semantic(feats.original, imagenet_head(backbone, str(device), precision(device))))
     return feats.failed, feats.kept, torch.cat(features, 1), torch.cat(meanings, 1).float() / len(backbones) ** 0.5
 
 
