@@ -14,9 +14,9 @@ import functools
 import hashlib
 import importlib
 import os
-from importlib.metadata import version
 import urllib.error
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -206,8 +206,8 @@ def weights_key(name: str) -> str:
     """Identifies the installed weights, and the code that reads them, without reading them: the
     file's path, size and modification time, with torch's and timm's versions. What is derived
     from the weights and kept on disk (their fingerprint, inference-ready copies) is keyed by it.
-    timm's version is read from its package metadata: importing timm imports torchvision and, through
-    it, torch._dynamo, ~2.5 s of a new process that needs neither when its features are cached."""
+    timm's version is read from its package metadata: importing timm (and the torchvision it
+    imports) costs ~1 s of a new process that needs neither when its features are cached."""
     spec = get_spec(name)
     path = _lite_weights_file(spec) if spec.source == "bundled" else download_weights(spec)
     stat = path.stat()
@@ -273,7 +273,8 @@ def prepare_image(image, spec: BackboneSpec) -> torch.Tensor:
 
 def _resize_uint8(pixels: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
     """torchvision.transforms.v2.functional.resize(antialias=True) on uint8, with torch alone:
-    importing torchvision imports torch._dynamo (~2 s of every new process). As there, torch's
+    importing torchvision imports torch._dynamo, ~2 s of a new process that has no other use for
+    it before it fits a head (torch.optim imports it too). As there, torch's
     uint8 kernels serve bicubic always and bilinear where the CPU has AVX2; otherwise the
     pixels go through float and are rounded back."""
     if (height, width) == tuple(pixels.shape[1:]):
