@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanostream.engine.backbone_specs import BackboneUnavailable
-from nanostream.engine.choice import Candidate, choose_backbone, standard_error
+from nanostream.engine.choice import Candidate, choose_backbone
 from nanostream.engine.data import DataError, scan_folder
 from nanostream.engine.features import FeatureCache
 from nanostream.engine.head import cross_val_accuracy, fit_head, stratified_folds
