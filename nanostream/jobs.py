@@ -61,6 +61,11 @@ def pid_path(job_id: str) -> Path:
     return jobs_dir() / f"{job_id}.pid"
 
 
+def ranking_path(job_id: str) -> Path:
+    """A ranking job's table: a file, not the job row, since pages list jobs every second."""
+    return jobs_dir() / f"{job_id}-ranking.json"
+
+
 # ---------------------------------------------------------------- starting jobs
 
 def latest_job(store: Store, project: str, kind: str) -> Job | None:

@@ -133,10 +133,11 @@ def _user_message(exc: Exception, job: Job) -> str:
 def _build(store: Store, job: Job, report: _Reporter) -> dict:
     """The CLI's `train PROJECT` (flows/build.py), as a job: the summary is the job's result."""
     from .engine.train import TrainConfig
-    from .flows.build import build_project
+    from .flows.build import build_project, preferring_previous
     from .flows.build_progress import project_build_progress
 
-    config = TrainConfig(**job.params["config"])
+    # Resolved once: the progress plan and the build read the same previous backbone
+    config = preferring_previous(TrainConfig(**job.params["config"]), store, job.project)
     whole = project_build_progress(store, job.project, config)  # one bar for the build, not one per stage
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -190,7 +191,7 @@ def _rank(store: Store, job: Job, report: _Reporter) -> dict:
 
     ranked = rank_suspicious(store, job.project, on_progress=lambda d, t: report.progress("ranking", d, t))
     table = {name: [s.to_dict() for s in suspects] for name, suspects in ranked.items()}
-    path = jobs.jobs_dir() / f"{job.id}-ranking.json"  # a file, not the job row: pages list jobs every second
+    path = jobs.ranking_path(job.id)
     path.write_text(json.dumps(table))
     return {"fingerprint": job.params.get("fingerprint"), "path": str(path),
             "flagged": sum(bool(s.reasons) for suspects in ranked.values() for s in suspects)}

@@ -164,8 +164,8 @@ def build_project(config: TrainConfig, *, folder: str | Path | None = None, proj
 
     progress = on_progress or (lambda *_: None)
     source = _open(folder, project, store)
-    if source.project is not None and config.backbone == "auto" and config.prefer is None:
-        config = replace(config, prefer=previous_backbone(store, source.project.name))
+    if source.project is not None:
+        config = preferring_previous(config, store, source.project.name)
     device = default_device()
     result = train(source.dataset, config, on_progress=progress, should_stop=should_stop, device=device)
     if should_stop is not None and should_stop():
@@ -194,6 +194,14 @@ def build_project(config: TrainConfig, *, folder: str | Path | None = None, proj
         skipped=tuple(Skipped(file, reason) for file, reason in result.skipped),
         empty_categories=source.empty, estimate=headline.kind, accuracy_interval=(headline.low, headline.high),
         temperature=calibration.temperature, ece=calibration.ece, **advice)
+
+
+def preferring_previous(config: TrainConfig, store: Store, project: str) -> TrainConfig:
+    """`config` as a rebuild of `project` runs it: an automatic choice that prefers nothing yet
+    prefers the backbone of the project's latest build (TrainConfig.prefer)."""
+    if config.backbone != "auto" or config.prefer is not None:
+        return config
+    return replace(config, prefer=previous_backbone(store, project))
 
 
 def previous_backbone(store: Store, project: str) -> str | None:

@@ -48,10 +48,11 @@ class Stage:
 
 
 def plan_build(photos: int, backbones: list[str], views: int, mode: str, val_fraction: float = 0.2,
-               epochs: int = 10, prefer: str | None = None, has_val: bool = False) -> tuple[Stage, ...]:
+               epochs: int = 10, prefer: str | None = None) -> tuple[Stage, ...]:
     """The stages a build of `photos` photos will report, in order (train.py's phases): every
-    photo trains and is measured out of fold, unless a val/ folder or a fine-tune mode holds some out."""
-    split = has_val or mode in ("finetune", "auto")
+    photo trains and is measured out of fold, unless a fine-tune mode holds some out. A store
+    project has no val/ folder, so none is planned for."""
+    split = mode in ("finetune", "auto")
     fit = photos * (1 - val_fraction) if split else photos
     held = photos - fit
     stages = [Stage("features", name, photos * (1 + (views if name == prefer else 0)), LOAD_WORK)
@@ -64,7 +65,7 @@ def plan_build(photos: int, backbones: list[str], views: int, mode: str, val_fra
         stages.append(Stage("validation", None, held))
     if mode in ("finetune", "auto"):
         stages.append(Stage("fine-tuning", None, epochs * fit * BACKWARD_COST))
-    if mode != "finetune" and split and not has_val:  # the delivered head also learns the held-out photos
+    if mode != "finetune" and split:  # the delivered head also learns the held-out photos
         stages.append(Stage("augmenting", None, held * views))
     return (*stages, Stage("saving", None, 0, SAVE_WORK),
             Stage("learning curve", None, 0, photos * CURVE_WORK_PER_PHOTO))
@@ -124,13 +125,10 @@ def seconds_left(elapsed: float, fraction: float) -> float | None:
 
 
 def project_build_progress(store: Store, project: str, config: TrainConfig) -> BuildProgress:
-    """The progress of a project's build with `config`, planned as build_project will run it:
-    its photos, the candidate backbones, and the previous build's one that a rebuild prefers."""
+    """The progress of a project's build with `config` as build_project runs it (its `prefer`
+    resolved: build.preferring_previous): its photos, the candidate backbones, the preferred one."""
     from ..engine.backbones import available_backbones
-    from .build import previous_backbone
 
-    auto = config.backbone == "auto"
-    names = available_backbones() if auto else [config.backbone]
-    prefer = config.prefer or (previous_backbone(store, project) if auto else None)
+    names = available_backbones() if config.backbone == "auto" else [config.backbone]
     return BuildProgress(plan_build(sum(store.counts(project).values()), names, config.policy().views, config.mode,
-                                    config.val_fraction, config.finetune_epochs, prefer))
+                                    config.val_fraction, config.finetune_epochs, config.prefer))

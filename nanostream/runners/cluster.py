@@ -290,7 +290,7 @@ def run_job(store, project: str, kind: str, params: dict, work: Callable, on_pro
     elif kind == "search":
         result = bring_back_search(store, snapshot, outcome)
     else:
-        ranking = jobs.jobs_dir() / f"{job_id}-ranking.json"  # where worker.py's ranking writes it
+        ranking = jobs.ranking_path(job_id)  # where worker.py's ranking writes it
         bring_back_ranking(outcome, outcome.result["path"], ranking)
         result = {**outcome.result, "path": str(ranking)}
     return {**result, "runner": "ray", "node": outcome.node}
