@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..engine.backbone_specs import REVIEW_BACKBONES
 from ..flows.collect import DEFAULT_PER_CATEGORY
-from ..flows.review import REVIEW_BACKBONES
 from ..sources.providers import AUTO, SOURCES
 from ..store.db import ATTRIBUTION_FILE
 from ..store.licenses import DEFAULT_FILTER, LICENSE_FILTERS

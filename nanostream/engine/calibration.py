@@ -37,7 +37,7 @@ class Calibration:
 def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     """The T minimising the cross-entropy of softmax(logits / T) against y. logits (..., N, C):
     repeated out-of-fold rounds are pooled, each photo counted once per round."""
-    logits, y = logits.reshape(-1, logits.shape[-1]).float(), y.repeat(logits.numel() // logits.shape[-1] // len(y))
+    logits, y = _pooled(logits.float(), y)
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], max_iter=MAX_ITER, line_search_fn="strong_wolfe")
 
@@ -50,6 +50,11 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     optimizer.step(closure)
     # The likelihood is unimodal in T, so the optimum over [1, 20] is the free optimum clamped there.
     return float(log_t.detach().clamp(0.0, LOG_T_BOUND).exp())
+
+
+def _pooled(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (..., N, C) as rows (R * N, C), and y repeated to match: each round's photos in turn."""
+    return logits.reshape(-1, logits.shape[-1]), y.repeat(logits.numel() // logits.shape[-1] // len(y))
 
 
 def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -70,7 +75,7 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int =
 def calibrate(logits: torch.Tensor, y: torch.Tensor) -> Calibration:
     """Fit T on out-of-fold logits (R, N, C) of photos y, and measure ECE before and after."""
     temperature = fit_temperature(logits, y)
-    pooled, targets = logits.reshape(-1, logits.shape[-1]), y.repeat(logits.numel() // logits.shape[-1] // len(y))
+    pooled, targets = _pooled(logits, y)
     return Calibration(
         temperature=round(temperature, 4),
         ece=round(expected_calibration_error(torch.softmax(pooled / temperature, 1), targets), 4),

@@ -42,8 +42,7 @@ def choose_backbone(candidates: Sequence[Candidate], prefer: str | None = None, 
     usable = [c for c in candidates if c.error is None]
     if not usable:
         raise BackboneUnavailable("; ".join(c.error or c.backbone for c in candidates) or "no backbone to choose from")
-    best = max(usable, key=lambda c: (c.cv_accuracy or 0.0, -c.gflops))
-    top = best.cv_accuracy or 0.0
+    top = max((c.cv_accuracy or 0.0) for c in usable)
     margin = standard_error(top, n_train) if rule == "one-se" else 0.0
     tied = [c for c in usable if (c.cv_accuracy or 0.0) >= top - margin - 1e-9]
     chosen = min(tied, key=lambda c: (c.gflops, -(c.cv_accuracy or 0.0)))

@@ -28,6 +28,11 @@ POLL_S = 0.5       # how often a stop is looked for while chunks are out
 BATCH_SIZE = 8
 
 
+def read_source(source: Path | bytes) -> bytes:
+    """A source's bytes: given, or read from its file."""
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
 def chunk_rows(needs: Sequence[tuple[Path | bytes, str, list[int]]], model, spec, policy: AugmentPolicy | None,
                device: torch.device) -> list[dict[int, np.ndarray] | str]:
     """For each (source, content hash, views to compute): {view: feature row}, or why it cannot
@@ -37,8 +42,7 @@ def chunk_rows(needs: Sequence[tuple[Path | bytes, str, list[int]]], model, spec
     work = []
     for source, digest, wanted in needs:
         try:
-            data = source if isinstance(source, bytes) else Path(source).read_bytes()
-            image = prepare_image(decode_image(data, draft_size=spec.resize_size), spec)
+            image = prepare_image(decode_image(read_source(source), draft_size=spec.resize_size), spec)
         except OSError as exc:
             out.append(f"cannot read file: {exc.strerror or exc}")
             continue

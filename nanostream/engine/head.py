@@ -156,7 +156,9 @@ def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: i
     return out
 
 
-def cross_val_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0, max_folds: int = 5) -> float:
-    """Stratified K-fold accuracy of fit_head's model; the folds are fitted together (_fit_linear)."""
-    predicted = out_of_fold_logits(x, y, n_classes, seed, max_folds)[0].argmax(1)
-    return int((predicted == y).sum()) / len(y)
+def cross_val_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0, max_folds: int = 5,
+                       repeats: int = 1) -> float:
+    """Stratified K-fold accuracy of fit_head's model, the mean over `repeats` rounds with other folds
+    (out_of_fold_logits); the folds are fitted together (_fit_linear)."""
+    predicted = out_of_fold_logits(x, y, n_classes, seed, max_folds, repeats).argmax(2)
+    return int((predicted == y).sum()) / predicted.numel()

@@ -28,8 +28,8 @@ from .choice import Candidate, choose_backbone
 from .data import Dataset, LabeledImage, check_trainable, stratified_split
 from .device import default_device, precision
 from .features import FeatureCache, Features, extract_features
-from .inference import imagenet_head as imagenet_head_of
-from .head import Head, fit_head, out_of_fold_logits
+from .inference import imagenet_head
+from .head import Head, cross_val_accuracy, fit_head, out_of_fold_logits
 from .metrics import Estimate, classification_report, estimate
 from .unknown import UnknownDetector, fit_unknown
 
@@ -154,7 +154,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     y_train = _targets(train_items or [], index_of)
     repeats = REPEATS if len(train_rows) <= SMALL else 1
     for name, feats in pool_features.items():
-        score = (_cv_score(feats.original[train_rows], y_train, len(labels), config.seed, repeats)
+        score = (cross_val_accuracy(feats.original[train_rows], y_train, len(labels), config.seed, repeats=repeats)
                  if len(names) > 1 else None)
         candidates.append(Candidate(name, score, seconds[name], backbones.get_spec(name).gflops))
     candidates.sort(key=lambda c: names.index(c.backbone))
@@ -171,9 +171,10 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     oof = out_of_fold_logits(original, y_train, len(labels), config.seed, repeats=repeats, views=augmented)
     calibration = calibrate(oof, y_train)
     oof_probs = torch.softmax(oof / calibration.temperature, 2).mean(0)
-    imagenet_head = imagenet_head_of(winner, str(device), precision(device))
-    unknown = fit_unknown(original, y_train, oof_probs.argmax(1), imagenet_head, config.seed)
-    head = fit_head(_with_views(original, augmented), _with_views_targets(y_train, augmented), len(labels))
+    unknown = fit_unknown(original, y_train, oof_probs.argmax(1), imagenet_head(winner, str(device), precision(device)),
+                          config.seed)
+    x_views, y_views = _with_views(original, augmented), _with_views_targets(y_train, augmented)
+    head = fit_head(x_views, y_views, len(labels))
     progress("cross-validating", 1, 1)
     if val_items:
         val_feats = (early_val if winner == config.prefer and early_val is not None
@@ -208,8 +209,8 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     # Photos split off for the fine-tune comparison were only for measuring: the delivered head sees them too.
     if mode == "fast" and not dataset.val and val_items:
         val_aug = features_of(val_items, winner, policy.views, stage="augmenting").augmented
-        x_all = torch.cat([_with_views(original, augmented), _with_views(val_feats.original, val_aug)])
-        y_all = torch.cat([_with_views_targets(y_train, augmented), _with_views_targets(y_val, val_aug)])
+        x_all = torch.cat([x_views, _with_views(val_feats.original, val_aug)])
+        y_all = torch.cat([y_views, _with_views_targets(y_val, val_aug)])
         head = fit_head(x_all, y_all, len(labels))
 
     return TrainResult(
@@ -229,12 +230,6 @@ def _split(dataset: Dataset, pool: list[LabeledImage], config: TrainConfig) -> t
     if config.mode == "fast":
         return pool, []
     return stratified_split(pool, config.val_fraction, config.seed, near_duplicate_groups(pool))
-
-
-def _cv_score(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, repeats: int) -> float:
-    """Mean accuracy over `repeats` rounds of stratified K-fold (out_of_fold_logits)."""
-    predicted = out_of_fold_logits(x, y, n_classes, seed, repeats=repeats).argmax(2)
-    return float((predicted == y).float().mean())
 
 
 def _report(items: list[LabeledImage], y: torch.Tensor, probs: torch.Tensor, labels: tuple[str, ...],

@@ -35,10 +35,12 @@ class UnknownDetector:
     targets: torch.Tensor       # (M,) their classes
     threshold: float            # scores above it are unknown
     imagenet_head: nn.Module    # the backbone's ImageNet classifier: the space distances are measured in
-    reference: torch.Tensor = field(init=False, repr=False)  # (M, 1000): features in that space
+    # (M, 1000): features in that space; computed here unless given (fit_unknown has them already)
+    reference: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "reference", semantic(self.features, self.imagenet_head))
+        if self.reference is None:
+            object.__setattr__(self, "reference", semantic(self.features, self.imagenet_head))
 
     def scores(self, features: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """(N,) distance of each feature row to the nearest reference photo of its predicted class."""
@@ -64,12 +66,15 @@ def semantic(features: torch.Tensor, imagenet_head: nn.Module) -> torch.Tensor:
 
 
 def nearest_distance(z: torch.Tensor, predicted: torch.Tensor, reference: torch.Tensor,
-                     targets: torch.Tensor) -> torch.Tensor:
-    """1 - the highest dot product of unit rows z with a reference of the same class (2 when it has none)."""
+                     targets: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+    """1 - the highest dot product of unit rows z with a reference of the same class (2 when it has none).
+    exclude_self: the reference is z itself, and row i is never matched with itself (leave-one-out)."""
     if not len(reference):
         return torch.full((len(z),), 2.0)
     similarity = z @ reference.T                                        # (N, M)
     same = predicted[:, None] == targets[None, :]
+    if exclude_self:
+        same.fill_diagonal_(False)
     return 1 - similarity.masked_fill(~same, -1.0).max(1).values
 
 
@@ -84,13 +89,12 @@ def fit_unknown(x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor, image
     whatever the scores' distribution. The plain 95% quantile of 40 scores passes fewer: measured
     with the ants/bees model on 153 val photos, 14% were unknown."""
     z = semantic(x, imagenet_head)
-    same = predicted[:, None] == y[None, :]
-    same.fill_diagonal_(False)                                          # never itself
-    scores = 1 - (z @ z.T).masked_fill(~same, -1.0).max(1).values       # 2 when no other photo of its class
+    scores = nearest_distance(z, predicted, z, y, exclude_self=True)    # 2 when no other photo of its class
     k = math.ceil(PASS_RATE * (len(scores) + 1))
     threshold = float(scores.max()) if k > len(scores) else float(scores.sort().values[k - 1])
     keep = _reference_rows(y, seed)
-    return UnknownDetector(x[keep].float().contiguous(), y[keep].clone(), round(threshold, 6), imagenet_head)
+    return UnknownDetector(x[keep].float().contiguous(), y[keep].clone(), round(threshold, 6), imagenet_head,
+                           z[keep])
 
 
 def _reference_rows(y: torch.Tensor, seed: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from ..engine.backbone_specs import REVIEW_BACKBONES  # the default backbones: the Lite trio
 from ..engine.dedupe import DuplicateGroup, ImageRef, find_duplicates
 from ..store.db import Store
 
@@ -28,13 +29,6 @@ if TYPE_CHECKING:
 
     from ..engine.features import FeatureCache
 
-# The offline Lite trio, a build's own candidates: every build computes their features of the
-# originals anyway, so a ranking after a build reads them from the cache. Their features side by
-# side give better out-of-fold probabilities than any one: on copies of the shared sets with 10%
-# labels swapped and 10% off-topic photos (bench/label_noise.py, 3 copies each) precision/recall
-# went from 0.79/0.62 (hymenoptera) and 0.50/0.75 (flowers) with Lite0 alone to 0.84/0.88 and
-# 0.64/0.78 with the three, cleanlab's prune_by_class and the off-topic rule below.
-REVIEW_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 MIN_PER_CATEGORY = 5      # fewer: the held-out score rests on one or two photos of the category
 IMBALANCE_RATIO = 3.0     # the largest category this many times the smallest: the model leans to it
 # Out-of-fold probabilities averaged over this many different fold splits when a project is small:
