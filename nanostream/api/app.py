@@ -40,18 +40,18 @@ from .schemas import (ERRORS, KEY_OPTIONAL, PREDICT_ERRORS, ApiError, ModelInfo,
 from .service import ServeConfig, Service
 
 if TYPE_CHECKING:
-    from ..engine.predict import Outputs
+    from ..engine.predict import Classifier, Outputs
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `nanostream keys create`")
 
 
-def to_predictions(labels: list[str], outputs: Outputs) -> list[dict]:
-    """The same label, confidence, probs and unknown flag as Classifier.predict_bytes gives the CLI."""
+def to_predictions(classifier: Classifier, outputs: Outputs) -> list[dict]:
+    """The same label, confidence, probs and unknown flag as Classifier.predict_bytes gives the CLI
+    (its own Classifier.prediction), without the file name an upload or URL does not have."""
     out = []
     for row, unknown in zip(outputs.probs.tolist(), outputs.unknown.tolist()):
-        best = max(range(len(row)), key=row.__getitem__)
-        out.append({"label": labels[best], "confidence": row[best], "probs": dict(zip(labels, row)),
-                    "unknown": bool(unknown)})
+        p = classifier.prediction("", row, unknown)
+        out.append({"label": p.label, "confidence": p.confidence, "probs": p.probs, "unknown": p.unknown})
     return out
 
 
@@ -148,6 +148,6 @@ def create_app(config: ServeConfig = ServeConfig()) -> FastAPI:
         async with service.decode_turns.turn(client):
             loaded, x = await run_in_threadpool(load_and_prepare, service, model_id, path, items)
         outputs = await loaded.outputs(x)
-        return {"predictions": to_predictions(loaded.classifier.labels, outputs)}
+        return {"predictions": to_predictions(loaded.classifier, outputs)}
 
     return app

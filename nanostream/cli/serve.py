@@ -93,9 +93,11 @@ def set_published(ref: str, published: bool):
 def cmd_publish(args) -> None:
     """Prints the project's stable demo link (with NANOSTREAM_PUBLIC_URL in front where set) above
     the version's own path, which stays alone on the last line (scripts read it)."""
+    from ..flows.publish import PUBLIC_URL_ENV, public_base_url
+
     done = set_published(args.model, True)
     closed = f"; unpublished {', '.join(done.unpublished)} (one published version per project)" if done.unpublished else ""
-    base = os.environ.get("NANOSTREAM_PUBLIC_URL", "").strip().rstrip("/")
+    base = public_base_url(os.environ.get(PUBLIC_URL_ENV), None, None, "")  # "" when unset: a path alone
     stable = base + done.project_demo_path if done.project_demo_path else None
     payload = {"model_id": done.model_id, "published": True, "demo": done.demo_path,
                "project_demo": stable, "unpublished": list(done.unpublished)}

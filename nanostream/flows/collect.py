@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import paths
-from ..store.licenses import LICENSE_FILTERS
+from ..store.licenses import check_filter
 from ..store.records import StoreError
 
 # The sources are imported where they are used: every CLI command imports this module (for its
@@ -71,7 +71,7 @@ class FailedDownload:
 class SourceUse:
     """What one source did for one category."""
     name: str                # "openverse", "wikimedia", "ddg" (a stand-in: its name)
-    status: str              # one of SOURCE_STATUSES
+    status: str              # "gave", "dry", "rate limited", "failed" or "not asked"
     found: int = 0           # new hits it gave whose licence the filter admits
     unlicensed: int = 0      # hits left out by the licence filter
     skipped: tuple[FailedDownload, ...] = ()  # results that are no usable photo (SVG, video), with why
@@ -79,9 +79,6 @@ class SourceUse:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "skipped": [asdict(f) for f in self.skipped]}  # JSON lists, as read back
-
-
-SOURCE_STATUSES = ("gave", "dry", "rate limited", "failed", "not asked")
 
 
 @dataclass(frozen=True)
@@ -224,8 +221,10 @@ def search_project(
     names = _categories_to_search(store, project, categories)
     if not names:
         raise NothingToSearch(f"project '{project}' has no categories to search")
-    if license not in LICENSE_FILTERS:
-        raise SearchUnavailable(f"unknown licence filter {license[:40]!r}; valid: {', '.join(LICENSE_FILTERS)}")
+    try:
+        check_filter(license)
+    except ValueError as exc:
+        raise SearchUnavailable(str(exc)) from None
     providers = [provider] if provider is not None else _providers(source, license)
     if len(providers) == 1:
         check_online(providers[0])

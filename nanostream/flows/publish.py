@@ -25,6 +25,8 @@ from ..engine.models import model_path, read_registered
 from ..store.db import Store
 from ..store.records import ModelRecord, StoreError
 
+PUBLIC_URL_ENV = "NANOSTREAM_PUBLIC_URL"  # the app's public address, for links others open (public_base_url)
+
 
 class PublishError(ValueError):
     """A model that cannot be published or unpublished; the message says why."""
@@ -117,7 +119,7 @@ def app_base_url(page_url: str | None, page_path: str) -> str:
 
 
 LOCAL_LINK_WARNING = ("This link says localhost, so it opens only on this computer: others cannot open it. Set "
-                      "NANOSTREAM_PUBLIC_URL to the address people reach this app at (e.g. https://demo.example.org, "
+                      f"{PUBLIC_URL_ENV} to the address people reach this app at (e.g. https://demo.example.org, "
                       "or http://<this computer's address>:8501 with `--server.address 0.0.0.0`) and restart the app.")
 
 

@@ -35,7 +35,7 @@ class ApiLimits:
 
 @dataclass(frozen=True)
 class Answer:
-    status: int
+    """A 200 answer: every other status is raised as one of search.py's errors (_answer)."""
     headers: Mapping[str, str]    # case-insensitive (requests' CaseInsensitiveDict)
     data: Any                     # the parsed JSON
 
@@ -98,7 +98,7 @@ def _answer(engine: str, status: int, headers: Mapping[str, str], body: bytes) -
         detail = data.get("detail") if isinstance(data, dict) else None
         said = f": {clip_input(str(detail))}" if isinstance(detail, str) else ""
         raise SearchError(f"{engine} answered HTTP {status}{said}")
-    return Answer(status, headers, data)
+    return Answer(headers, data)
 
 
 

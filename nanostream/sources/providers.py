@@ -38,19 +38,22 @@ SOURCES = (AUTO, *PROVIDERS)  # what --source accepts
 UNLICENSED = frozenset({"ddg"})  # every hit's licence unknown: worth searching only with --license any
 
 
+def _check_source(source: str) -> None:
+    """SearchError with the valid names unless source is one of PROVIDERS."""
+    if source not in PROVIDERS:
+        raise SearchError(f"unknown image source {source[:200]!r}; valid: {', '.join(SOURCES)}")
+
+
 def make_provider(source: str, license_filter: str = "any") -> SearchProvider:
     """The provider registered as source, asking its engine for license_filter's images where it
     can; SearchError with the valid names for an unknown one."""
-    factory = PROVIDERS.get(source)
-    if factory is None:
-        raise SearchError(f"unknown image source {source[:200]!r}; valid: {', '.join(SOURCES)}")
-    return factory(license_filter)
+    _check_source(source)
+    return PROVIDERS[source](license_filter)
 
 
 def sources_to_try(source: str) -> list[str]:
     """The provider names a --source value stands for, in order; SearchError for an unknown one."""
     if source == AUTO:
         return list(PROVIDERS)
-    if source not in PROVIDERS:
-        raise SearchError(f"unknown image source {source[:200]!r}; valid: {', '.join(SOURCES)}")
+    _check_source(source)
     return [source]

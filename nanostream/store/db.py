@@ -344,6 +344,6 @@ class Store(JobsTable, ModelsTable):
         records = self.list_images(name)
         for record in records:
             shutil.copyfile(self.image_path(record), directory / record.category / f"{record.content_hash}.jpg")
-        credits = (credit(record, f"{record.category}/{record.content_hash}.jpg") for record in records)
+        credits = (credit(record) for record in records)
         (directory / ATTRIBUTION_FILE).write_text(attribution_markdown(name, credits), encoding="utf-8")
         return len(records)

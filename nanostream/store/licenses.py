@@ -61,10 +61,15 @@ def license_name(code: str, version: str = "") -> str:
     return f"{family} {version}".strip() if family != PUBLIC_DOMAIN else PUBLIC_DOMAIN
 
 
-def admits(license_filter: str, license: str) -> bool:
-    """Whether a --license filter keeps an image with this licence; ValueError for an unknown filter."""
+def check_filter(license_filter: str) -> None:
+    """ValueError, naming the valid ones, unless this is a --license filter (a LICENSE_FILTERS key)."""
     if license_filter not in LICENSE_FILTERS:
         raise ValueError(f"unknown licence filter {license_filter[:40]!r}; valid: {', '.join(LICENSE_FILTERS)}")
+
+
+def admits(license_filter: str, license: str) -> bool:
+    """Whether a --license filter keeps an image with this licence; ValueError for an unknown filter."""
+    check_filter(license_filter)
     family = license_family(license)
     if license_filter == "free":
         return family in FREE
@@ -106,9 +111,11 @@ class Credit:
     page_url: str      # the page that showed it: where a reader checks the terms
 
 
-def credit(record: ImageRecord, file: str) -> Credit:
-    """A stored image's credit line; its original file name stands in for a missing title."""
+def credit(record: ImageRecord) -> Credit:
+    """A stored image's credit line, for its file in an export ("<category>/<hash>.jpg"); its
+    original file name stands in for a missing title."""
     p = record.provenance
+    file = f"{record.category}/{record.content_hash}.jpg"
     return Credit(file, p.title or p.original_name, p.creator, p.license, p.license_url, p.page_url)
 
 
@@ -155,7 +162,7 @@ def bundle_credits(records: Iterable[ImageRecord], unknown_photos: int = 0) -> d
     "credits" (one Credit each, as JSON). unknown_photos: photos with no record (a folder build)."""
     records = list(records)
     counts = count_families([r.provenance.license for r in records] + [""] * unknown_photos)
-    lines = [asdict(credit(r, f"{r.category}/{r.content_hash}.jpg")) for r in records[:MAX_CREDITS]]
+    lines = [asdict(credit(r)) for r in records[:MAX_CREDITS]]
     return {"licenses": counts, "credits": lines}
 
 
