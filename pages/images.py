@@ -6,7 +6,7 @@ import streamlit as st
 
 from nanostream import jobs, ui
 from nanostream.flows import review
-from nanostream.sources.ingest import add_uploads
+from nanostream.sources.ingest import add_uploads, url_list_text
 from nanostream.store.records import FINISHED, StoreError
 from nanostream.ui import images as images_ui
 
@@ -33,7 +33,7 @@ def url_lists(category: str | None, lists) -> bool:
     if category is None:
         message.error("A .txt list of URLs needs one category: choose it in 'Add to category', then add the list again.")
         return False
-    text = "\n".join(data.decode("utf-8-sig", errors="replace") for _, data in lists)
+    text = "\n".join(url_list_text(data) for _, data in lists)
     try:
         jobs.start_url_list(store, project, category, text)
     except (jobs.JobError, StoreError) as exc:

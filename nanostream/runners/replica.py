@@ -170,46 +170,46 @@ def current_name(store: Store, snapshot: ProjectSnapshot) -> str:
     return name
 
 
+def _files_here(summary, origin: str, base: Path | str):
+    """A BuildSummary with the files the task named on its machine (held-out and skipped photos
+    under base, its learning curve among this home's exports) as their paths here."""
+    from ..engine.models import curve_path
+
+    def here(file: str) -> str:
+        return moved(file, origin, base)
+
+    return replace(summary, highest_loss=tuple(replace(h, file=here(h.file)) for h in summary.highest_loss),
+                   skipped=tuple(replace(s, file=here(s.file)) for s in summary.skipped),
+                   curve_png=str(curve_path(summary.model_id)) if summary.curve_png else None)
+
+
 def bring_back_build(store: Store, snapshot: ProjectSnapshot, outcome: Outcome) -> dict:
     """Record a project build's model here, as build_project does locally; returns the summary (to_dict)."""
-    from ..engine.models import curve_path, model_path
+    from ..engine.models import model_path
     from ..flows.build import BuildSummary
 
     summary = BuildSummary.from_dict(outcome.result)
     ids = dict(outcome.replica_ids)
     name = current_name(store, snapshot)
     keep_files(outcome)
-
-    def here(file: str) -> str:
-        return moved(file, outcome.origin, store.blob_dir)
-
-    held_out = tuple(replace(h, file=here(h.file), image_id=ids.get(h.image_id)) for h in summary.highest_loss)
+    summary = _files_here(summary, outcome.origin, store.blob_dir)
+    held_out = tuple(replace(h, image_id=ids.get(h.image_id)) for h in summary.highest_loss)
     path = model_path(summary.model_id)
     store.record_model(name, summary.model_id, path, {**(outcome.model_metrics or {}),
                                                       "highest_loss": [asdict(h) for h in held_out]})
-    summary = replace(summary, path=str(path), project=name, highest_loss=held_out,
-                      skipped=tuple(replace(s, file=here(s.file)) for s in summary.skipped),
-                      curve_png=str(curve_path(summary.model_id)) if summary.curve_png else None)
-    return summary.to_dict()
+    return replace(summary, path=str(path), project=name, highest_loss=held_out).to_dict()
 
 
 def bring_back_folder_build(snapshot: FolderSnapshot, outcome: Outcome, out: str | Path | None):
     """A folder build's model registered here (and copied to `out`); returns the BuildSummary."""
-    from ..engine.models import copy_out, curve_path, model_path
+    from ..engine.models import copy_out, model_path
     from ..flows.build import BuildSummary
 
     summary = BuildSummary.from_dict(outcome.result)
     keep_files(outcome)
     if out is not None:
         copy_out(summary.model_id, out)
-
-    def here(file: str) -> str:
-        return moved(file, outcome.origin, snapshot.root)
-
-    return replace(summary, path=str(out or model_path(summary.model_id)),
-                   highest_loss=tuple(replace(h, file=here(h.file)) for h in summary.highest_loss),
-                   skipped=tuple(replace(s, file=here(s.file)) for s in summary.skipped),
-                   curve_png=str(curve_path(summary.model_id)) if summary.curve_png else None)
+    return replace(_files_here(summary, outcome.origin, snapshot.root), path=str(out or model_path(summary.model_id)))
 
 
 def bring_back_search(store: Store, snapshot: ProjectSnapshot, outcome: Outcome) -> dict:

@@ -216,9 +216,15 @@ def parse_url_list(text: str) -> tuple[list[str], list[tuple[int, str]]]:
     return list(dict.fromkeys(urls)), bad
 
 
+def url_list_text(data: bytes) -> str:
+    """A .txt URL list's text, as every reader of one (uploads, the Images page) decodes it: UTF-8,
+    a leading byte-order mark dropped, undecodable bytes replaced rather than the list refused."""
+    return data.decode("utf-8-sig", errors="replace")
+
+
 def _add_url_list(run: _Run, label: str, data: bytes,
                   should_stop: Callable[[], bool] | None) -> None:
-    urls, bad = parse_url_list(data.decode("utf-8-sig", errors="replace"))
+    urls, bad = parse_url_list(url_list_text(data))
     for lineno, line in bad:
         run.skip(f"{label}:{lineno}", f"not an http(s) URL: {printable_name(line[:100])}")
     if len(urls) > run.limits.max_urls:

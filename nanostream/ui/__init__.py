@@ -1,5 +1,6 @@
 """Widgets and caches shared by the app's pages: the store, loaded models and their predictions,
-job progress, the camera. The Images page's widgets are in ui/images.py, the Build page's in ui/build.py.
+job progress, the camera. The Images page's widgets are in ui/images.py, the Build page's in ui/build.py,
+the demo's rate limit in ui/demo.py.
 
 The work is done below (flows, engine, charts): nothing here imports torch or PIL, and nothing
 here writes to the store -- where a widget changes something, the page passes the change in.

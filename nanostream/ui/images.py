@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import streamlit as st
 
 from ..flows.collect import read_summary
+from ..sources.providers import SOURCES
 from ..store import licenses
 from ..store.db import Store
 from ..store.records import FINISHED, ImageRecord, StoreError
@@ -100,18 +101,30 @@ def ranking_status_ui(ranking) -> None:
 
 # ---------------------------------------------------------------- the review grid
 
+# The app's wording of the choices `--source` (providers.SOURCES) and `--license`
+# (licenses.LICENSE_FILTERS) accept; the choices themselves come from there, so a new source or
+# filter shows up here (by its name until it gets a label).
 SOURCE_LABELS = {"auto": "All, licensed first (Openverse, Wikimedia Commons, then DuckDuckGo)",
                  "openverse": "Openverse", "wikimedia": "Wikimedia Commons", "ddg": "DuckDuckGo (no licences)"}
 LICENSE_LABELS = {"free": "Free to use (CC0, public domain, CC BY, CC BY-SA)",
                   "commercial": "Commercial use allowed (no NC licences)", "any": "Any, licence unknown included"}
 
 
+def _in_label_order(choices: Sequence[str], labels: Mapping[str, str]) -> list[str]:
+    """choices in the order the app words them (the strictest licence first); unlabelled ones last."""
+    order = list(labels)
+    return sorted(choices, key=lambda c: order.index(c) if c in order else len(order))
+
+
 def search_choices_ui() -> tuple[str, str]:
     """Where to search and which licences to keep, as `images search --source/--license`:
     (source, licence filter). The filter starts at free: a model built for work needs photos it may use."""
     left, right = st.columns(2)
-    source = left.selectbox("Search in", list(SOURCE_LABELS), format_func=SOURCE_LABELS.get, key="images_source")
-    licence = right.selectbox("Licences", list(LICENSE_LABELS), format_func=LICENSE_LABELS.get,
+    source = left.selectbox("Search in", list(SOURCES), format_func=lambda s: SOURCE_LABELS.get(s, s),
+                            key="images_source")
+    filters = _in_label_order(licenses.LICENSE_FILTERS, LICENSE_LABELS)
+    licence = right.selectbox("Licences", filters, index=filters.index(licenses.DEFAULT_FILTER),
+                              format_func=lambda f: LICENSE_LABELS.get(f, f),
                               key="images_license", help="DuckDuckGo gives no licence: its photos are kept only "
                                                          "with 'Any'.")
     return source, licence
@@ -139,7 +152,8 @@ def photo_dialog(path: str, record: ImageRecord, reasons: Sequence) -> None:
     st.image(path, width="stretch")
     p = record.provenance
     where = p.page_url or p.image_url or p.original_name or p.source
-    st.caption(f"#{record.id} in **{record.category}** · {where}" + (f" · {credit(record)}" if credit(record) else ""))
+    line = credit(record)
+    st.caption(f"#{record.id} in **{record.category}** · {where}" + (f" · {line}" if line else ""))
     for reason in reasons:
         st.warning(reason.text)
     if st.button("Close", key="images_zoom_close", on_click=_forget_zoom):
@@ -170,7 +184,8 @@ def review_grid_ui(store: Store, project: str, names: Sequence[str], ranked: Map
                                 on_change=lambda: st.session_state.update(images_page=1),
                                 help=" · ".join(f"{name}: {n} images" for name, n in counts.items()))
     suspects = {s.image_id: (i, s) for i, s in enumerate(ranked.get(category, []))}
-    records = sorted(store.list_images(project, category),
+    everything = store.list_images(project)  # one listing: the category's photos and the drop button's count
+    records = sorted((r for r in everything if r.category == category),
                      key=lambda r: (suspects[r.id][0] if r.id in suspects else len(suspects), r.added_at))
     pages = max(1, -(-len(records) // page_size))
     page = paging.number_input(f"Page (of {pages})", 1, pages, key="images_page")
@@ -201,7 +216,7 @@ def review_grid_ui(store: Store, project: str, names: Sequence[str], ranked: Map
                   disabled=not ticked)
     st.caption(f"{len(ticked)} of the {len(shown)} photos on this page selected." if ticked else
                "Tick photos to move or delete them; the magnifier enlarges one.")
-    unknown = licenses.unknown_license(store.list_images(project))
+    unknown = licenses.unknown_license(everything)
     if unknown:  # one click: a model built for work keeps only photos it may use
         st.button(f"Drop the {len(unknown)} web photos of unknown licence", on_click=apply, args=(unknown, None),
                   key="images_drop_unknown", icon=":material/gpp_bad:",
@@ -224,5 +239,6 @@ def review_grid_ui(store: Store, project: str, names: Sequence[str], ranked: Map
                 photo_dialog(path, record, reasons)
             for reason in reasons:
                 column.caption(f":warning: {reason.text}")
-            if credit(record):
-                column.caption(credit(record))
+            line = credit(record)
+            if line:
+                column.caption(line)
