@@ -206,7 +206,7 @@ def _warm() -> None:
     """Everything a build needs before its first line of work: imports, backbones, kernels."""
     import torch
 
-    from .engine import train  # noqa: F401 - imported for its import cost (timm, the engine)
+    from .engine import train  # noqa: F401 - imported for its import cost (torch.optim, the engine)
     from .engine.backbones import BackboneUnavailable, available_backbones, get_spec
     from .engine.device import default_device, precision
     from .engine.head import cross_val_accuracy
