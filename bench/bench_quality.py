@@ -164,7 +164,7 @@ def assess(path: str, val: dict[str, list[Path]], other: list[Path]) -> dict:
         said = classifier.outputs(feats)
         with torch.inference_mode():
             raw = torch.softmax(classifier.head(feats), 1)
-        scores = (classifier.detector.scores(feats, said.probs.argmax(1)) if classifier.detector is not None
+        scores = (classifier.detector.scores(feats) if classifier.detector is not None
                   else torch.zeros(len(photos)))
         return said, raw, scores
 

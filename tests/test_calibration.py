@@ -10,7 +10,7 @@ from scipy.stats import binomtest
 
 from nanostream.engine.calibration import calibrate, expected_calibration_error, fit_temperature
 from nanostream.engine.metrics import estimate, wilson_interval
-from nanostream.engine.unknown import PASS_RATE, fit_unknown, nearest_distance, semantic
+from nanostream.engine.unknown import PASS_RATE, class_means, fit_unknown, held_out_scores, semantic
 
 
 def test_the_temperature_is_the_likelihood_optimum_a_grid_finds():
@@ -56,14 +56,28 @@ def test_unknown_threshold_passes_about_95_percent_of_own_photos_and_stops_anoth
     with torch.no_grad():
         imagenet_head.weight.copy_(torch.eye(64))
         imagenet_head.bias.zero_()
-    detector = fit_unknown(own, y, y, imagenet_head)
+    detector = fit_unknown(own, y, imagenet_head)
     z = semantic(own, imagenet_head)
     assert torch.allclose(z.norm(dim=1), torch.ones(200))  # sqrt of probabilities: unit vectors
-    scores = nearest_distance(z, y, z, y)  # against themselves: 0
-    assert torch.allclose(scores, torch.zeros(200), atol=1e-5)
     fresh = centres[y] + torch.randn(200, 64, generator=generator)
-    passed = float((~detector.unknown(fresh, y)).float().mean())
+    passed = float((~detector.unknown(fresh)).float().mean())
     assert abs(passed - PASS_RATE) < 0.06
     other = torch.randn(200, 64, generator=generator) * 3 + 10 * torch.randn(64, generator=generator)
-    assert float(detector.unknown(other, torch.zeros(200, dtype=torch.long)).float().mean()) > 0.95
+    assert float(detector.unknown(other).float().mean()) > 0.95
     assert math.isfinite(detector.threshold) and detector.features.shape == (200, 64)
+
+
+def test_held_out_scores_leave_each_photo_out_of_its_class_mean():
+    generator = torch.Generator().manual_seed(1)
+    z = torch.nn.functional.normalize(torch.rand(9, 5, generator=generator), dim=1)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    reference = []
+    for i in range(len(z)):  # the definition, one photo at a time
+        rest = torch.arange(len(z)) != i
+        means = class_means(z[rest], y[rest])
+        reference.append(1 - float((z[i] @ means.T).max()))
+    assert held_out_scores(z, y).tolist() == pytest.approx(reference, abs=1e-6)
+    # the only photo of its class is compared with the other classes alone; of a project, with nothing
+    lone = torch.tensor([0, 0, 1])
+    assert held_out_scores(z[:3], lone)[2] == pytest.approx(1 - float((z[2] @ z[:2].mean(0))), abs=1e-6)
+    assert held_out_scores(z[:1], lone[:1]).tolist() == [2.0]

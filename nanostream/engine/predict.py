@@ -168,7 +168,7 @@ class Classifier:
         with torch.inference_mode():
             features = features.to(self.device).float()
             probs = torch.softmax(self.head(features) / self.temperature, 1)
-            unknown = (self.detector.unknown(features, probs.argmax(1)) if self.detector is not None
+            unknown = (self.detector.unknown(features) if self.detector is not None
                        else torch.zeros(len(features), dtype=torch.bool))
         return Outputs(probs.cpu(), unknown.cpu())
 

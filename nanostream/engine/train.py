@@ -171,8 +171,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     oof = out_of_fold_logits(original, y_train, len(labels), config.seed, repeats=repeats, views=augmented)
     calibration = calibrate(oof, y_train)
     oof_probs = torch.softmax(oof / calibration.temperature, 2).mean(0)
-    unknown = fit_unknown(original, y_train, oof_probs.argmax(1), imagenet_head(winner, str(device), precision(device)),
-                          config.seed)
+    unknown = fit_unknown(original, y_train, imagenet_head(winner, str(device), precision(device)), config.seed)
     x_views, y_views = _with_views(original, augmented), _with_views_targets(y_train, augmented)
     head = fit_head(x_views, y_views, len(labels))
     progress("cross-validating", 1, 1)
