@@ -42,6 +42,10 @@ sys.path.insert(0, os.environ.get("BENCH_CODE", str(REPO)))
 def child(data: Path, selection: str | None = None) -> None:
     """One automatic build, timed from its first line of work, in whichever code BENCH_CODE holds
     (this tree's with another backbone-choice rule when `selection` is given)."""
+    import timm  # noqa: F401 - imports both codes need, done before the clock starts (as bench_train's):
+    import torch.optim  # noqa: F401 - this tree's build imports timm and torch.optim later than today's,
+    import torchvision  # noqa: F401 - which put them inside the timed span only on this side
+
     from nanostream.engine.data import scan_folder
     from nanostream.engine.models import save_trained
     from nanostream.engine.train import TrainConfig, train

@@ -166,7 +166,7 @@ def test_a_model_made_with_the_earlier_unknown_score_gets_this_scores_threshold(
     from nanostream.engine.unknown import conformal_threshold, held_out_scores, semantic
 
     meta, tensors = read_bundle(trained_model[1])
-    earlier = {**meta["unknown"], "threshold": 0.01, "score": "1 - Bhattacharyya coefficient ... nearest training photo"}
+    earlier = {**meta["unknown"], "threshold": 0.01, "score": "the nearest training photo of the predicted class"}
     old = save_bundle(tmp_path / "old.safetensors", {**meta, "unknown": earlier, "model_id": "m-00000000ce"}, tensors)
     detector = load_classifier(old).detector
     expected = conformal_threshold(held_out_scores(semantic(detector.features, detector.imagenet_head),

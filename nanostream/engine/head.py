@@ -65,18 +65,25 @@ def _fit_linear(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tens
     feature workers run. The gradient is written out (softmax minus one-hot, weighted), a quarter
     less time than autograd's.
     """
-    with _one_thread():
+    with _threads_for(z.numel()):
         return _lbfgs(z, target, sample_weight, weight_decay)
 
 
+# Below this many feature numbers (problems x rows x width) a fit runs on one thread. Small
+# problems lose more in handing work over than a second thread saves, and on a busy 2-core machine
+# each of L-BFGS's many small parallel regions waits for the other core: 9 s instead of 0.2 s was
+# seen in a worker beside a process polling the store. Large ones gain on an idle machine and lose
+# less beside a busy core. out_of_fold_logits, 5 repeats of 5 folds, 2-core Xeon, one thread ->
+# two: 24 photos (0.8M) 0.19 -> 0.13 s idle, 0.22 -> 0.47 s busy; 100 photos (3.2M) 0.56 -> 0.30 s
+# idle, 0.55 -> 0.94 s busy; 100 photos with 4 views each (16M) 1.28 -> 0.85 s, 1.79 -> 2.54 s.
+PARALLEL_FROM = 3_000_000
+
+
 @contextlib.contextmanager
-def _one_thread():
-    """These problems are a few MB: a second intra-op thread costs more in handing work over than it
-    saves (cross-validating 24 photos' features: 27 ms on one thread, 63 ms on two), and on a busy
-    2-core machine each of L-BFGS's many small parallel regions waits for the other core: 9 s
-    instead of 0.2 s was seen in a worker beside a process polling the store."""
+def _threads_for(size: int):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if size < PARALLEL_FROM:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
