@@ -8,14 +8,16 @@ its training photos' vectors, and the score is 1 - the photo's highest dot produ
 category's mean: a photo unlike every category scores high.
 
 Why the categories' means, not the nearest training photo (Sun et al. 2022, which this module used
-before): one odd training photo, a bee on a daisy, made every daisy near it "known". Measured with
-every backbone's features (Lite0/1/2) on 3 draws of 20 training photos a class, the other set's
-val photos as the foreign ones (bench/bench_quality.py's draws, the threshold below):
-  hymenoptera model on flower photos: AUROC 0.944 (nearest photo 0.889), 77% of flowers unknown
-  at the threshold below (49%), 8.0% of its own val photos;
-  flowers model on hymenoptera photos: AUROC 0.920 (0.674), 49% unknown (32%), 4.4% of its own.
-The nearest half of the photos did as well on hymenoptera and worse on flowers; the mean over all
-photos, or a Mahalanobis distance on the raw features added in, was no better on both.
+before): one close training photo is enough to make a foreign one "known" (a bee on a daisy, for
+a daisy), where a category's mean is not moved much by one photo. Measured by
+`python bench/unknown_scores.py --seeds 0 1 2` (3 draws of 20 training photos a class, each Lite
+backbone, the other shared set's val photos as the foreign ones, 2-core Xeon, bf16):
+  hymenoptera model on flower photos: AUROC 0.944 (nearest photo 0.883); at the threshold below
+  77% of flowers unknown (34%), and 8.0% of its own val photos (4.3%);
+  flowers model on hymenoptera photos: AUROC 0.920 (0.742); 49% unknown (30%), 4.4% of its own.
+In throw-away runs on the same features, the nearest half of the photos did as well on
+hymenoptera and worse on flowers; the mean of all photos, or a Mahalanobis distance on the raw
+features added in, was not better on both.
 The threshold comes from the project's own photos, each scored against means that leave it out,
 so that about PASS_RATE of new photos like them pass; above it is `unknown`.
 """
