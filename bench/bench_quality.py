@@ -42,9 +42,11 @@ sys.path.insert(0, os.environ.get("BENCH_CODE", str(REPO)))
 def child(data: Path, selection: str | None = None) -> None:
     """One automatic build, timed from its first line of work, in whichever code BENCH_CODE holds
     (this tree's with another backbone-choice rule when `selection` is given)."""
-    import timm  # noqa: F401 - imports both codes need, done before the clock starts (as bench_train's):
-    import torch.optim  # noqa: F401 - this tree's build imports timm and torch.optim later than today's,
-    import torchvision  # noqa: F401 - which put them inside the timed span only on this side
+    # Imports both codes need, done before the clock starts (as bench_train's): the build before
+    # imported them inside train(), this tree's on first use, so each clock held a different share.
+    import timm  # noqa: F401
+    import torch.optim  # noqa: F401
+    import torchvision  # noqa: F401
 
     from nanostream.engine.data import scan_folder
     from nanostream.engine.models import save_trained
