@@ -5,8 +5,9 @@ and submit the ready tensor here, with what their model makes of the pass's outp
 its head, calibration and "unknown" flag). Worker threads take what waits, up to max_batch
 images, run one forward pass over it (the backbone), split the output by request and resolve
 each request's future with `then` of its own rows. So requests for different models on one
-frozen backbone share the expensive part: a head and its unknown check cost about
-1280 x (classes + reference photos) multiply-adds per image, efficientnet_lite0's pass ~0.4 billion.
+frozen backbone share the expensive part: a head and its unknown check (the ImageNet layer it
+measures in, then one mean a class) cost about 1280 x (classes + 1000) + 1000 x classes
+multiply-adds per image, efficientnet_lite0's pass ~0.4 billion.
 
 A worker never waits for company when it is free (unless max_wait_ms says so): it takes
 whatever queued up while the last pass ran. Under load the queue fills during each pass, so
