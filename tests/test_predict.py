@@ -163,12 +163,11 @@ def test_a_model_made_before_calibration_loads_with_temperature_one_and_never_un
 
 def test_a_model_made_with_the_earlier_unknown_score_gets_this_scores_threshold(trained_model, tmp_path):
     """Its stored threshold was a nearest-photo distance; the same number means something else now."""
-    from nanostream.engine.unknown import conformal_threshold, held_out_scores, semantic
+    from nanostream.engine.unknown import threshold_for
 
     meta, tensors = read_bundle(trained_model[1])
     earlier = {**meta["unknown"], "threshold": 0.01, "score": "the nearest training photo of the predicted class"}
     old = save_bundle(tmp_path / "old.safetensors", {**meta, "unknown": earlier, "model_id": "m-00000000ce"}, tensors)
     detector = load_classifier(old).detector
-    expected = conformal_threshold(held_out_scores(semantic(detector.features, detector.imagenet_head),
-                                                   detector.targets))
+    expected = threshold_for(detector.features, detector.targets, detector.imagenet_head)
     assert detector.threshold == expected == load_classifier(trained_model[0]).detector.threshold != 0.01

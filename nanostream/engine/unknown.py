@@ -101,9 +101,14 @@ def conformal_threshold(scores: torch.Tensor) -> float:
 def fit_unknown(x: torch.Tensor, y: torch.Tensor, imagenet_head: nn.Module, seed: int = 0) -> UnknownDetector:
     """The detector for training originals x (N, D) of classes y: the threshold from every photo
     held out once, the references the bundle keeps drawn with `seed`."""
-    threshold = conformal_threshold(held_out_scores(semantic(x, imagenet_head), y))
     keep = _reference_rows(y, seed)
-    return UnknownDetector(x[keep].float().contiguous(), y[keep].clone(), threshold, imagenet_head)
+    return UnknownDetector(x[keep].float().contiguous(), y[keep].clone(), threshold_for(x, y, imagenet_head),
+                           imagenet_head)
+
+
+def threshold_for(x: torch.Tensor, y: torch.Tensor, imagenet_head: nn.Module) -> float:
+    """The threshold for photos with features x (N, D) of classes y: each held out once."""
+    return conformal_threshold(held_out_scores(semantic(x, imagenet_head), y))
 
 
 def _reference_rows(y: torch.Tensor, seed: int) -> torch.Tensor:
@@ -133,5 +138,5 @@ def from_bundle(meta: dict, tensors: dict[str, torch.Tensor], imagenet_head: nn.
     features = tensors["unknown.reference"].float().to(device)
     targets = targets.to(device)
     threshold = (float(found["threshold"]) if found.get("score") == SCORE
-                 else conformal_threshold(held_out_scores(semantic(features, imagenet_head), targets)))
+                 else threshold_for(features, targets, imagenet_head))
     return UnknownDetector(features, targets, threshold, imagenet_head)
