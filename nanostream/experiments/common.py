@@ -41,9 +41,10 @@ class ExperimentConfig:
     backbone: str = backbones.DEFAULT_BACKBONE  # cheapest offline backbone: fast and the same everywhere
     seeds: int = 5                 # 5 draws show the spread without a 2-core CPU working for an hour
     per_class: int | None = None   # cap on training images per class; None: all the split leaves
-    views: int = 4                 # augmented views per image, as the policies train with; the same for
-                                   # every arm, so arms differ only by technique (5 classes x 20 images:
-                                   # ~3 minutes on 2 CPU cores, 11 augmented arms included)
+    views: int = 4                 # augmented views per image, the same for every arm, so arms differ
+                                   # only by technique (5 classes x 20 images: ~3 minutes on 2 CPU cores,
+                                   # 11 augmented arms included). Builds make 2 (augment.py): the
+                                   # docs/evidence.md runs were made with 4, and 4 are kept to compare
     test_fraction: float = 0.25    # held out per class when DATA has no val/: 5 of 20 images
 
 
