@@ -225,6 +225,10 @@ def _warm() -> None:
     # torch.optim's first step imports torch._dynamo (~1.9 s): pay it here, not in the build's head fit.
     x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
     cross_val_accuracy(x, y, 2)
+    # The learning-curve advice's imports, ~1.4 s of a warm rebuild's 4.4 s under the AVX2 cap
+    # (scipy.optimize 0.6 s for its fit, matplotlib 0.8 s for its chart).
+    from scipy.optimize import curve_fit  # noqa: F401
+    from . import charts  # noqa: F401
 
 
 def _wait_for_job(folder: str) -> str:

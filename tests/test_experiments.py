@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import copy_slice
 from nanostream.engine import curve as C
@@ -153,6 +154,22 @@ def test_learning_curve_points_and_estimate(flowers):
     assert curve.have_per_class == {"daisy": 6, "sunflower": 6, "tulip": 6}
     assert curves.learning_curve(scan_folder(flowers), 0.95, FAST, sizes=(2,)).to_dict() == d
     assert C.curve_png(curve).startswith(b"\x89PNG")
+
+
+
+def test_heads_fitted_together_score_as_heads_fitted_one_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.randn(60, 32, generator=generator) + F.one_hot(y, 32).float()  # overlapping classes: errors to count
+    items = [C.LabeledImage(Path(f"#{i}"), "abc"[int(label)]) for i, label in enumerate(y)]
+    table = C.FeatureTable(("a", "b", "c"), items, y, torch.zeros(60, dtype=torch.bool), x)
+    splits = C.make_splits(table, 4, None, 0.25)
+    views = x[:, None] + 0.5 * torch.randn(60, 2, 32, generator=generator)
+    for augmented in (None, views):
+        for k in (3, 10):
+            alone = [C.head_accuracy(table, s.train(k), s.test, augmented) for s in splits]
+            assert C.head_accuracies(table, [(s.train(k), s.test) for s in splits], augmented) == pytest.approx(alone)
+            assert len(set(alone)) > 1 and max(alone) < 1.0  # the splits differ, and the fits can miss
 
 
 # the fitted curve ------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ from torch import nn
 WEIGHT_DECAY = 1e-3
 # L-BFGS converges on these convex problems in well under 100 steps.
 MAX_ITER = 100
+# Curvature pairs L-BFGS keeps: scipy's default, not torch's 100, whose two-loop recursion is 2 x 100
+# small tensor operations per step. Out of fold, 5 x 5 folds on 100 flower photos (Lite0, one thread,
+# 2-core Xeon under the AVX2 cap): 1.01 -> 0.77 s, the probabilities within 0.002 of each other.
+HISTORY = 10
 
 
 class Head(nn.Module):
@@ -96,7 +100,8 @@ def _lbfgs(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
     weight = torch.zeros(problems, target.shape[1], dim)
     bias = torch.zeros(problems, 1, target.shape[1])
     weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, history_size=HISTORY,
+                                  line_search_fn="strong_wolfe")
 
     @torch.no_grad()
     def closure():
@@ -109,6 +114,18 @@ def _lbfgs(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
 
     optimizer.step(closure)
     return weight, bias
+
+
+def fit_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, fit_rows: torch.Tensor,
+               at: int | None = None) -> torch.Tensor:
+    """(P, at, C) logits for the first `at` rows of x (every row by default) of P heads, the p-th
+    fitted as fit_head fits one on the rows fit_rows[p] marks ((P, N) bool); all P at once (_fit_linear)."""
+    x = x.float()
+    z = torch.stack([(x - x[rows].mean(0)) / (x[rows].std(0, unbiased=False) + 1e-6) for rows in fit_rows])
+    sample_weight = torch.stack([_balanced(y, n_classes, rows) for rows in fit_rows])
+    weight, bias = _fit_linear(z, F.one_hot(y, n_classes).float(), sample_weight, WEIGHT_DECAY)
+    with torch.no_grad():
+        return torch.baddbmm(bias, z[:, :at], weight.transpose(1, 2))
 
 
 def stratified_folds(y: torch.Tensor, n_folds: int, seed: int) -> list[torch.Tensor]:
@@ -145,15 +162,8 @@ def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: i
         owner = torch.cat([owner, owner.repeat_interleave(views.shape[1])])
         rows_y = y[owner]
     held_out = [held for folds in splits for held in folds]
-    fit_rows = torch.ones(len(held_out), len(owner), dtype=torch.bool)
-    for p, held in enumerate(held_out):
-        fit_rows[p] = ~torch.isin(owner, held)
-    z = torch.stack([(rows_x - rows_x[rows].mean(0)) / (rows_x[rows].std(0, unbiased=False) + 1e-6)
-                     for rows in fit_rows])
-    sample_weight = torch.stack([_balanced(rows_y, n_classes, rows) for rows in fit_rows])
-    weight, bias = _fit_linear(z, F.one_hot(rows_y, n_classes).float(), sample_weight, WEIGHT_DECAY)
-    with torch.no_grad():
-        logits = torch.baddbmm(bias, z[:, :len(y)], weight.transpose(1, 2))  # (problems, N, C): originals
+    fit_rows = torch.stack([~torch.isin(owner, held) for held in held_out])
+    logits = fit_logits(rows_x, rows_y, n_classes, fit_rows, at=len(y))  # (problems, N, C): originals
     out = torch.empty(repeats, len(y), n_classes)
     p = 0
     for r, folds in enumerate(splits):
