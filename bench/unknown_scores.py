@@ -2,17 +2,21 @@
 
 For each draw of --per-class training photos a class (bench_quality.draw: hymenoptera scored on
 its val/, flowers on the photos not drawn) and each Lite backbone (features cached), the model of
-one shared set meets the other set's val photos. Two scores, both in what the backbone's ImageNet
-head makes of the features (unknown.semantic), each with its threshold set as a build sets it (the
-split-conformal quantile of the training photos' held-out scores, unknown.conformal_threshold):
-  - "class mean" (unknown.py's): 1 - the highest similarity to a category's mean;
-  - "nearest photo" (the score before it): 1 - the highest similarity to a training photo of the
-    predicted category, each training photo held out of its own out-of-fold prediction.
+one shared set meets the other set's val photos. Three scores, each with its threshold set as a
+build sets it (the split-conformal quantile of the training photos' held-out scores,
+unknown.conformal_threshold):
+  - "both spaces" (unknown.py's): the mean of the distances to the closest category's mean in what
+    the backbone's ImageNet head makes of the features (unknown.semantic) and in the unit
+    features, each over its own threshold;
+  - "ImageNet space" (the score before it): the first of those distances alone;
+  - "nearest photo" (the score before that): 1 - the highest similarity, in the ImageNet space, to
+    a training photo of the predicted category, each training photo held out of its own
+    out-of-fold prediction.
 It prints, per set and score, the mean over draws and backbones of the AUROC, the share of own val
 photos and of the other set's photos above the threshold, and the other set's share at the
 threshold that marks 10% of own val photos (what a perfectly placed threshold would reach).
 
-    python bench/unknown_scores.py --seeds 0 1 2
+    python bench/unknown_scores.py --seeds 0 1 2 3 4 5
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from nanostream.engine.device import default_device, machine_summary, precision 
 from nanostream.engine.features import FeatureCache, extract_features  # noqa: E402
 from nanostream.engine.head import fit_head, out_of_fold_logits  # noqa: E402
 from nanostream.engine.inference import imagenet_head  # noqa: E402
-from nanostream.engine.unknown import class_means, conformal_threshold, held_out_scores, semantic  # noqa: E402
+from nanostream.engine.unknown import (class_means, conformal_threshold, fit_unknown, held_out_scores,  # noqa: E402
+                                       semantic)
 from nanostream.paths import datasets_dir  # noqa: E402
 
 
@@ -67,13 +72,14 @@ def one(name: str, per_class: int, seed: int, backbone: str, cache: FeatureCache
         pv, po = head(v).argmax(1), head(o).argmax(1)
     oof = out_of_fold_logits(x, y, len(labels), seed)[0].argmax(1)
     means = class_means(zx, y)
-    scores = {"class mean": (held_out_scores(zx, y), 1 - (zv @ means.T).max(1).values,
-                             1 - (zo @ means.T).max(1).values),
-              "nearest photo": (nearest_photo(zx, oof, zx, y, exclude_self=True), nearest_photo(zv, pv, zx, y),
-                                nearest_photo(zo, po, zx, y))}
+    detector = fit_unknown(x, y, meaning, seed)
+    scores = {"both spaces": (detector.threshold, detector.scores(v), detector.scores(o)),
+              "ImageNet space": (conformal_threshold(held_out_scores(zx, y)), 1 - (zv @ means.T).max(1).values,
+                                 1 - (zo @ means.T).max(1).values),
+              "nearest photo": (conformal_threshold(nearest_photo(zx, oof, zx, y, exclude_self=True)),
+                                nearest_photo(zv, pv, zx, y), nearest_photo(zo, po, zx, y))}
     out = {}
-    for score, (held_out, own, foreign) in scores.items():
-        threshold = conformal_threshold(held_out)
+    for score, (threshold, own, foreign) in scores.items():
         at_ten = float(own.sort().values[int(0.9 * len(own))])
         auroc = roc_auc_score([0] * len(own) + [1] * len(foreign), torch.cat([own, foreign]).tolist())
         out[score] = (auroc, float((own > threshold).float().mean()), float((foreign > threshold).float().mean()),
@@ -84,7 +90,7 @@ def one(name: str, per_class: int, seed: int, backbone: str, cache: FeatureCache
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     args = parser.parse_args()
     print(machine_summary())
     cache = FeatureCache()

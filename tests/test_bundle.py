@@ -80,6 +80,8 @@ CRAFTED = {
     "a head for other features": (SOUND, head(2, 512),
                                   DAMAGED + "'head.mean' is 512 F32, but 2 labels on efficientnet_lite0's 1280 "
                                   "features need 1280 floats"),
+    "a zero scale in the unknown check": ({**SOUND, "unknown": {"threshold": 1.0, "scales": [0.2, 0]}}, None,
+                                          DAMAGED + "its unknown check's scales are not 2 positive numbers"),
     "a path for a model id": ({**SOUND, "model_id": "../../evil"}, None,
                               DAMAGED + "its model id '../../evil' is not one NanoStream makes "
                               "('m-' and 10 hex digits)"),

@@ -10,7 +10,8 @@ from scipy.stats import binomtest
 
 from nanostream.engine.calibration import calibrate, expected_calibration_error, fit_temperature
 from nanostream.engine.metrics import estimate, wilson_interval
-from nanostream.engine.unknown import PASS_RATE, class_means, fit_unknown, held_out_scores, semantic
+from nanostream.engine.unknown import (PASS_RATE, class_means, conformal_threshold, fit_unknown, held_out_scores,
+                                       semantic, spaces)
 
 
 def test_the_temperature_is_the_likelihood_optimum_a_grid_finds():
@@ -65,6 +66,24 @@ def test_unknown_threshold_passes_about_95_percent_of_own_photos_and_stops_anoth
     other = torch.randn(200, 64, generator=generator) * 3 + 10 * torch.randn(64, generator=generator)
     assert float(detector.unknown(other).float().mean()) > 0.95
     assert math.isfinite(detector.threshold) and detector.features.shape == (200, 64)
+
+
+def test_the_score_is_both_spaces_distances_each_over_its_own_threshold():
+    generator = torch.Generator().manual_seed(2)
+    y = torch.arange(3).repeat(20)
+    own = torch.randn(3, 32, generator=generator)[y] * 2 + torch.randn(60, 32, generator=generator)
+    imagenet_head = torch.nn.Linear(32, 50)
+    detector = fit_unknown(own, y, imagenet_head)
+    held_out = [held_out_scores(z, y) for z in spaces(own, imagenet_head)]
+    assert detector.scales == tuple(conformal_threshold(d) for d in held_out)
+    assert detector.scales[0] != detector.scales[1]  # the spaces' distances differ in size: why each has a scale
+    combined = (held_out[0] / detector.scales[0] + held_out[1] / detector.scales[1]) / 2
+    assert detector.threshold == conformal_threshold(combined)
+    new = torch.randn(7, 32, generator=generator) * 3
+    by_space = [1 - (z @ class_means(z_own, y).T).max(1).values
+                for z, z_own in zip(spaces(new, imagenet_head), spaces(own, imagenet_head))]
+    expected = (by_space[0] / detector.scales[0] + by_space[1] / detector.scales[1]) / 2
+    assert torch.allclose(detector.scores(new), expected)
 
 
 def test_held_out_scores_leave_each_photo_out_of_its_class_mean():

@@ -161,13 +161,19 @@ def test_a_model_made_before_calibration_loads_with_temperature_one_and_never_un
     assert classifier.predict_files([flowers])[0].unknown is False
 
 
-def test_a_model_made_with_the_earlier_unknown_score_gets_this_scores_threshold(trained_model, tmp_path):
-    """Its stored threshold was a nearest-photo distance; the same number means something else now."""
+@pytest.mark.parametrize("earlier", ["the nearest training photo of the predicted class",
+                                     "1 - Bhattacharyya coefficient of the backbone's ImageNet class probabilities "
+                                     "with the closest category's mean"])
+def test_a_model_made_with_an_earlier_unknown_score_gets_this_scores_threshold(earlier, trained_model, tmp_path):
+    """Its stored threshold was another score's number (and it has no scales): the same number means
+    something else now. Every photo is kept in this small model, so its load sets what its build set."""
     from nanostream.engine.unknown import threshold_for
 
     meta, tensors = read_bundle(trained_model[1])
-    earlier = {**meta["unknown"], "threshold": 0.01, "score": "the nearest training photo of the predicted class"}
-    old = save_bundle(tmp_path / "old.safetensors", {**meta, "unknown": earlier, "model_id": "m-00000000ce"}, tensors)
+    stored = {"threshold": 0.01, "pass_rate": 0.95, "score": earlier}
+    old = save_bundle(tmp_path / "old.safetensors", {**meta, "unknown": stored, "model_id": "m-00000000ce"}, tensors)
     detector = load_classifier(old).detector
-    expected = threshold_for(detector.features, detector.targets, detector.imagenet_head)
-    assert detector.threshold == expected == load_classifier(trained_model[0]).detector.threshold != 0.01
+    threshold, scales = threshold_for(detector.features, detector.targets, detector.imagenet_head)
+    built = load_classifier(trained_model[0]).detector
+    assert (detector.threshold, detector.scales) == (threshold, scales) == (built.threshold, built.scales)
+    assert detector.threshold != 0.01 and all(scale > 0 for scale in scales)

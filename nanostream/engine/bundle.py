@@ -199,6 +199,10 @@ def _check_meta(meta) -> None:
     unknown = _require(meta, "unknown", (dict,), "an object", optional=True)
     if unknown is not None:
         _require(unknown, "threshold", (int, float), "a number")
+        scales = _require(unknown, "scales", (list,), "a list", optional=True)  # models before both spaces: none
+        if scales is not None and not (len(scales) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in scales)):
+            raise BundleError("damaged model file: its unknown check's scales are not 2 positive numbers")
 
 
 def _check_labels(labels: list) -> None:
