@@ -95,6 +95,24 @@ def draw(root: Path, name: str, per_class: int, seed: int) -> tuple[dict[str, li
     return train, val
 
 
+def features_only_args(description: str) -> argparse.Namespace:
+    """The command line of the benches that measure on cached features: --per-class, --seeds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    return parser.parse_args()
+
+
+def each_draw(args: argparse.Namespace, measure):
+    """Per shared set, (its name, measure(name, per_class, seed, backbone, cache) for every draw
+    and Lite backbone), one set at a time; the CPU is printed first."""
+    print(machine_summary())
+    cache = FeatureCache()
+    for name in SETS:
+        yield name, [measure(name, args.per_class, seed, backbone, cache)
+                     for seed in args.seeds for backbone in available_backbones()[:3]]
+
+
 def link(train: dict[str, list[Path]], dest: Path) -> Path:
     for label, files in train.items():
         (dest / label).mkdir(parents=True)

@@ -13,7 +13,6 @@ the out-of-fold heads see), and how many intervals cover val.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -22,12 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import SETS, draw, features  # noqa: E402
+from bench_quality import draw, each_draw, features, features_only_args  # noqa: E402
 
 from nanostream.engine.augment import get_policy  # noqa: E402
-from nanostream.engine.backbones import available_backbones  # noqa: E402
 from nanostream.engine.calibration import calibrate  # noqa: E402
-from nanostream.engine.device import machine_summary  # noqa: E402
 from nanostream.engine.features import FeatureCache, extract_features  # noqa: E402
 from nanostream.engine.head import fit_head, out_of_fold_logits, stratified_folds  # noqa: E402
 from nanostream.engine.metrics import estimate  # noqa: E402
@@ -62,15 +59,8 @@ def one(name: str, per_class: int, seed: int, backbone: str, cache: FeatureCache
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
-    args = parser.parse_args()
-    print(machine_summary())
-    cache = FeatureCache()
-    for name in SETS:
-        runs = [one(name, args.per_class, seed, backbone, cache)
-                for seed in args.seeds for backbone in available_backbones()[:3]]
+    args = features_only_args(__doc__.splitlines()[0])
+    for name, runs in each_draw(args, one):
         headline, delivered, four_fifths = (statistics.mean(r[i] for r in runs) for i in range(3))
         print(f"{name} ({len(args.seeds)} draws x 3 backbones, {args.per_class} a class): headline {headline:.3f}, "
               f"val {delivered:.3f} (heads from 4/5 of the photos: {four_fifths:.3f}); "

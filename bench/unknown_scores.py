@@ -21,7 +21,6 @@ threshold that marks 10% of own val photos (what a perfectly placed threshold wo
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -30,10 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import SETS, draw  # noqa: E402
+from bench_quality import SETS, draw, each_draw, features_only_args  # noqa: E402
 
-from nanostream.engine.backbones import available_backbones  # noqa: E402
-from nanostream.engine.device import default_device, machine_summary, precision  # noqa: E402
+from nanostream.engine.device import default_device, precision  # noqa: E402
 from nanostream.engine.features import FeatureCache, extract_features  # noqa: E402
 from nanostream.engine.head import fit_head, out_of_fold_logits  # noqa: E402
 from nanostream.engine.inference import imagenet_head  # noqa: E402
@@ -88,15 +86,8 @@ def one(name: str, per_class: int, seed: int, backbone: str, cache: FeatureCache
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
-    args = parser.parse_args()
-    print(machine_summary())
-    cache = FeatureCache()
-    for name in SETS:
-        runs = [one(name, args.per_class, seed, backbone, cache)
-                for seed in args.seeds for backbone in available_backbones()[:3]]
+    args = features_only_args(__doc__.splitlines()[0])
+    for name, runs in each_draw(args, one):
         print(f"\n{name} model on the other set's photos "
               f"({len(args.seeds)} draws x 3 backbones, {args.per_class} a class):")
         for score in runs[0]:

@@ -1,4 +1,4 @@
-"""How many augmented views a build's head needs: val accuracy of the head trained with 0..--max-views.
+"""How many augmented views a build's head needs: val accuracy of heads trained with 0 to 4 views a photo.
 
 For each draw of --per-class training photos a class (bench_quality.draw: hymenoptera scored on
 its val/, flowers on the photos not drawn) and each Lite backbone, a head (fit_head, as a build
@@ -11,7 +11,6 @@ accuracy over draws and backbones for each k. Each view costs one forward pass p
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -20,29 +19,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import SETS, draw, features  # noqa: E402
+from bench_quality import draw, each_draw, features, features_only_args  # noqa: E402
 
 from nanostream.engine.augment import get_policy  # noqa: E402
-from nanostream.engine.backbones import available_backbones  # noqa: E402
-from nanostream.engine.device import machine_summary  # noqa: E402
 from nanostream.engine.features import FeatureCache, extract_features  # noqa: E402
 from nanostream.engine.head import fit_head  # noqa: E402
 from nanostream.paths import datasets_dir  # noqa: E402
 
+MAX_VIEWS = 4  # the count builds made before they made 2
 
-def accuracies(name: str, per_class: int, seed: int, backbone: str, max_views: int,
-               cache: FeatureCache) -> list[float]:
-    """Val accuracy of the head with k = 0..max_views views of each training photo."""
+
+def accuracies(name: str, per_class: int, seed: int, backbone: str, cache: FeatureCache) -> list[float]:
+    """Val accuracy of the head with k = 0..MAX_VIEWS views of each training photo."""
     train, val = draw(datasets_dir(), name, per_class, seed)
     labels = list(train)
     y = torch.tensor([i for i, label in enumerate(labels) for _ in train[label]])
     y_val = torch.tensor([i for i, label in enumerate(labels) for _ in val[label]])
     made = extract_features([f for label in labels for f in train[label]], backbone, get_policy("default"),
-                            max_views, cache=cache)
+                            MAX_VIEWS, cache=cache)
     assert not made.failed, made.failed
     x_val = features([f for label in labels for f in val[label]], backbone, cache)
     out = []
-    for k in range(max_views + 1):
+    for k in range(MAX_VIEWS + 1):
         x = torch.cat([made.original, made.augmented[:, :k].reshape(-1, made.original.shape[1])])
         head = fit_head(x, torch.cat([y, y.repeat_interleave(k)]), len(labels))
         with torch.inference_mode():
@@ -51,17 +49,9 @@ def accuracies(name: str, per_class: int, seed: int, backbone: str, max_views: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
-    parser.add_argument("--max-views", type=int, default=4)
-    args = parser.parse_args()
-    print(machine_summary())
-    cache = FeatureCache()
-    for name in SETS:
-        runs = [accuracies(name, args.per_class, seed, backbone, args.max_views, cache)
-                for seed in args.seeds for backbone in available_backbones()[:3]]
-        means = ", ".join(f"{k} views {statistics.mean(r[k] for r in runs):.4f}" for k in range(args.max_views + 1))
+    args = features_only_args(__doc__.splitlines()[0])
+    for name, runs in each_draw(args, accuracies):
+        means = ", ".join(f"{k} views {statistics.mean(r[k] for r in runs):.4f}" for k in range(MAX_VIEWS + 1))
         print(f"{name} ({len(args.seeds)} draws x 3 backbones, {args.per_class} a class), mean val accuracy: {means}")
 
 
