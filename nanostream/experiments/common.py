@@ -43,8 +43,8 @@ class ExperimentConfig:
     per_class: int | None = None   # cap on training images per class; None: all the split leaves
     views: int = 4                 # augmented views per image, the same for every arm, so arms differ
                                    # only by technique (5 classes x 20 images: ~3 minutes on 2 CPU cores,
-                                   # 11 augmented arms included). Builds make 2 (augment.py): the
-                                   # docs/evidence.md runs were made with 4, and 4 are kept to compare
+                                   # 11 augmented arms included). Builds make 2 (augment.py); the
+                                   # experiments keep 4, with which docs/evidence.md was measured
     test_fraction: float = 0.25    # held out per class when DATA has no val/: 5 of 20 images
 
 
