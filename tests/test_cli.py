@@ -59,7 +59,8 @@ def test_train_json_contract(trained):
     assert 0.5 <= summary["accuracy"] <= 1 and out.is_file() and summary["path"] == str(out)
     assert (summary["augment"], summary["mode"], summary["skipped"]) == ("default", "fast", [])
     assert set(summary["per_class"]["ants"]) >= {"precision", "recall", "n"} and len(summary["confusion"]) == 2
-    assert set(summary["candidates"][0]) == {"backbone", "cv_accuracy", "seconds", "gflops", "error"}
+    assert set(summary["candidates"][0]) == {"backbone", "cv_accuracy", "seconds", "gflops", "error", "photos"}
+    assert summary["candidates"][0]["photos"] == 0  # one backbone asked for: nothing scored
     assert summary["project"] is None and summary["config"]["views"] == 1 and summary["policy"]["views"] == 1
     assert (summary["runner"], summary["node"]) == ("local", socket.gethostname())  # the default runner
     assert "features efficientnet_lite0" in proc.stderr  # progress on stderr, not stdout

@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import pytest
@@ -41,6 +42,7 @@ def test_auto_backbone_scores_every_candidate_and_picks_the_cheapest_of_the_best
     best = max(scores.values())
     tied = [c for c in result.candidates if c.cv_accuracy >= best - 1e-9]
     assert result.backbone == min(tied, key=lambda c: c.gflops).backbone
+    assert {c.photos for c in result.candidates} == {result.n_train}  # a first build: every photo
 
 
 def test_without_val_every_photo_is_measured_out_of_fold_and_fixed_by_seed(datasets, tmp_path):
@@ -178,6 +180,39 @@ def test_work_done_ahead_for_the_preferred_backbone_gives_the_same_model(tiny_hy
     assert ahead.backbone == chosen and len(ahead.candidates) == 3
     assert ahead.metrics == fixed.metrics and ahead.n_train == fixed.n_train
     torch.testing.assert_close(ahead.head.linear.weight, fixed.head.linear.weight)
+
+
+def test_a_rebuild_with_a_few_new_photos_scores_the_other_candidates_on_the_photos_they_have(
+        tiny_hymenoptera, datasets, tmp_path, monkeypatch):
+    """One new photo in 13 (under RESCORE_NEW): the other candidates are scored, with the kept one,
+    on the 12 photos whose features they have, and never run on the new one; a candidate chosen
+    on those photos gets the new one's features before its model is made."""
+    import nanostream.engine.train as training
+    from nanostream.engine.device import default_device, precision
+    from nanostream.store.records import content_hash
+
+    data = shutil.copytree(tiny_hymenoptera, tmp_path / "data")
+    cache = FeatureCache(tmp_path / "features")
+    config = TrainConfig(augment="none")
+    first = train(scan_folder(data), config, cache=cache)
+    new = sorted((datasets / "hymenoptera" / "train" / "ants").iterdir())[6]  # the slice holds the first 6
+    shutil.copy(new, data / "train" / "ants" / new.name)
+    digest, mode = content_hash(new.read_bytes()), precision(default_device())
+
+    def has_new(backbone: str) -> bool:
+        return cache.get(digest, backbone, mode, "original") is not None
+
+    again = train(scan_folder(data), dataclasses.replace(config, prefer=first.backbone), cache=cache)
+    others = [c.backbone for c in again.candidates if c.backbone != first.backbone]
+    assert again.n_train == 13 and {c.photos for c in again.candidates} == {12}
+    assert {c.backbone: c.cv_accuracy for c in again.candidates} == {c.backbone: c.cv_accuracy for c in first.candidates}
+    assert has_new(first.backbone) and not any(map(has_new, others))
+
+    picked = others[0]
+    monkeypatch.setattr(training, "choose_backbone", lambda candidates, *_: next(c for c in candidates if c.backbone == picked))
+    switched = train(scan_folder(data), dataclasses.replace(config, prefer=first.backbone), cache=cache)
+    assert switched.backbone == picked and switched.n_train == 13 and switched.pool_features.shape[0] == 13
+    assert has_new(picked) and not has_new(others[1])
 
 
 def test_more_classes_than_a_model_file_holds_are_refused_before_any_work():

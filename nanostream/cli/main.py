@@ -87,7 +87,8 @@ def _train_text(summary) -> str:
              f"{summary.n_train} training photos, {summary.seconds:.1f}s"]
     for c in summary.candidates:
         score = "unavailable: " + c.error if c.error else (
-            f"cv accuracy {c.cv_accuracy:.3f}" if c.cv_accuracy is not None else "chosen")
+            f"cv accuracy {c.cv_accuracy:.3f}" + (f" on {c.photos} photos" if c.photos else "")
+            if c.cv_accuracy is not None else "chosen")
         lines.append(f"  candidate {c.backbone:<20} {c.gflops:5.2f} GFLOPs  {c.seconds:6.1f}s  {score}")
     if summary.advice:
         lines.append(summary.advice)

@@ -20,6 +20,8 @@ class Candidate:
     seconds: float                # feature time on this machine for the training images
     gflops: float
     error: str | None = None
+    photos: int = 0               # training photos cv_accuracy was measured on: all of them, but in a
+                                  # rebuild (train.RESCORE_NEW); 0 when not scored
 
 
 def choose_backbone(candidates: Sequence[Candidate], prefer: str | None = None, n_train: int = 0,

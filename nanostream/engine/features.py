@@ -174,11 +174,12 @@ def on_cluster() -> bool:
 def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: AugmentPolicy | None = None,
                      views: int = 0, device: torch.device | None = None, cache: FeatureCache | None = None,
                      on_progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-                     names: Sequence[str] | None = None) -> Features:
+                     names: Sequence[str] | None = None, only_cached: bool = False) -> Features:
     """Features for each source (a file path or raw bytes), with `views` augmented views each.
 
-    Unreadable sources are reported in `failed`, never raised. `should_stop` is polled
-    between chunks of images and raises InterruptedError when it says so.
+    Unreadable sources are reported in `failed`, never raised. `should_stop` is polled between
+    chunks of images and raises InterruptedError when it says so. With `only_cached`, nothing is
+    computed and the network is not loaded: `kept` lists the sources whose rows are all cached.
 
     Two passes on WORKERS threads. The first hashes every source and reads what the cache
     holds. The second takes the images with rows missing, in chunks of about one forward pass,
@@ -236,6 +237,10 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
 
     results = list(_in_order(look_up, sources, WORKERS))
     missing = [i for i, result in enumerate(results) if not result.error and _missing(result)]
+    if only_cached:
+        for i in missing:
+            results[i] = _Rows(error="not cached")
+        missing = []
     chunks = _balanced_chunks(missing, [len(_missing(results[i])) for i in missing])
     done = len(sources) - len(missing)
     if on_progress:
@@ -262,7 +267,7 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
         torch.set_num_threads(main_threads)  # the workers' setting is also torch's default for new threads
 
     kept = [i for i, result in enumerate(results) if not result.error]
-    failed = [(names[i], result.error) for i, result in enumerate(results) if result.error]
+    failed = [(names[i], result.error) for i, result in enumerate(results) if result.error and not only_cached]
     rows = [np.stack(results[i].rows) for i in kept]
     hashes = [results[i].digest for i in kept]
     computed = sum(result.computed for result in results)

@@ -39,6 +39,11 @@ MODES = ("fast", "finetune", "auto")
 # accuracy on 40 photos moves by a photo or two with the folds' luck; five rounds of 5 folds
 # cost ~0.1-0.3 s on these features. Larger sets get one round.
 REPEATS, SMALL = 5, 200
+# A rebuild scores its other candidates on the photos whose features they already have, without
+# loading them, when the photos new to them are at most this share of the training set: the choice
+# keeps the previous backbone unless another is more than a photo better, which a tenth more photos
+# rarely change, and each candidate loaded and run costs a rebuild ~0.3 s of its ~2.
+RESCORE_NEW = 0.1
 # The photos "it got wrong" are all listed; this many of the least sure right ones come with them.
 UNSURE_SHOWN = 8
 
@@ -117,26 +122,28 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     index_of = {label: i for i, label in enumerate(labels)}
     check_trainable(labels, dataset.train)
 
-    def features_of(items, name, views=0, stage="features") -> Features:
+    def features_of(items, name, views=0, stage="features", only_cached=False) -> Features:
         return extract_features([item.path for item in items], name, policy, views, device, cache,
                                 on_progress=lambda d, t: progress(f"{stage} {name}", d, t),
-                                should_stop=should_stop)
+                                should_stop=should_stop, only_cached=only_cached)
 
     # 1-2. score every candidate on the training images; the first pass also finds unreadable files.
     # All on this thread, in turn. Loading a backbone (extract_features does it, when features are
     # missing) and cross-validating are mostly Python: on helper threads they held the interpreter
     # against the feature workers, and a rebuild in a new process took 12% longer for each (medians
-    # of 8 alternating runs each way).
+    # of 8 alternating runs each way). A rebuild starts with the previous backbone; see RESCORE_NEW.
     pool = list(dataset.train)
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features, seconds = [], {}, {}
     train_items = val_items = early_val = None
-    for name in names:
+    for name in sorted(names, key=lambda n: n != config.prefer):
         t0 = time.perf_counter()
         try:
-            # The previous build's backbone usually stays (see TrainConfig.prefer): its views are
-            # made in its candidate pass, and its validation features just after, not after the choice.
-            feats = features_of(pool, name, policy.views if name == config.prefer else 0)
+            feats = features_of(pool, name, only_cached=True) if config.prefer in pool_features else None
+            if feats is None or len(feats.kept) < (1 - RESCORE_NEW) * len(pool):
+                # The previous build's backbone usually stays (see TrainConfig.prefer): its views are
+                # made in its candidate pass, and its validation features just after, not after the choice.
+                feats = features_of(pool, name, policy.views if name == config.prefer else 0)
         except backbones.BackboneUnavailable as exc:
             candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
             continue
@@ -153,12 +160,18 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     train_rows = [positions[str(item.path)] for item in train_items] if train_items else []
     y_train = _targets(train_items or [], index_of)
     repeats = REPEATS if len(train_rows) <= SMALL else 1
-    for name, feats in pool_features.items():
-        score = (cross_val_accuracy(feats.original[train_rows], y_train, len(labels), config.seed, repeats=repeats)
-                 if len(names) > 1 else None)
-        candidates.append(Candidate(name, score, seconds[name], backbones.get_spec(name).gflops))
+    have = [set(feats.kept) for feats in pool_features.values()]
+    scored = [i for i in train_rows if all(i in rows for rows in have)]  # every row, but in a rebuild
+    y_scored = _targets([pool[i] for i in scored], index_of)
+    scores = [cross_val_accuracy(_rows_of(feats, scored), y_scored, len(labels), config.seed, repeats=repeats)
+              if len(names) > 1 else None for feats in pool_features.values()]
+    for (name, feats), score in zip(pool_features.items(), scores):
+        candidates.append(Candidate(name, score, seconds[name], backbones.get_spec(name).gflops,
+                                    photos=len(scored) if score is not None else 0))
     candidates.sort(key=lambda c: names.index(c.backbone))
-    winner = choose_backbone(candidates, config.prefer, len(train_items or ()), config.selection).backbone
+    winner = choose_backbone(candidates, config.prefer, len(scored), config.selection).backbone
+    if len(pool_features[winner].kept) < len(pool):  # scored on the photos it had: now the others too
+        pool_features[winner] = features_of(pool, winner, policy.views)
 
     # 3. the winner's augmented views, its out-of-fold predictions, and the head on every training photo
     made = pool_features[winner]
@@ -246,6 +259,12 @@ def near_duplicate_groups(items: list[LabeledImage]) -> dict[str, str]:
 
     refs = [ImageRef(str(item.path), item.label, item.path) for item in items]
     return group_ids(refs, find_duplicates(refs))
+
+
+def _rows_of(feats: Features, rows: list[int]) -> torch.Tensor:
+    """The original features of the given inputs (indexes into what was extracted, all in feats.kept)."""
+    position = {i: row for row, i in enumerate(feats.kept)}
+    return feats.original[[position[i] for i in rows]]
 
 
 def _targets(items: list[LabeledImage], index_of: dict[str, int]) -> torch.Tensor:

@@ -271,6 +271,7 @@ def candidate_table(summary: BuildSummary) -> list[dict]:
     """Rows of the Build page's "Backbones tried": each one's score, time and cost, the chosen one marked."""
     return [{"backbone": c.backbone + ("  ✓ chosen" if c.backbone == summary.backbone else ""),
              "score (cross-validated)": "—" if c.cv_accuracy is None else f"{c.cv_accuracy:.0%}",
+             "photos scored": c.photos or "—",
              "time (s)": round(c.seconds, 1), "GFLOPs per photo": c.gflops, "note": c.error or ""}
             for c in summary.candidates]
 
