@@ -222,7 +222,7 @@ def _warm() -> None:
         size = get_spec(name).input_size
         with torch.inference_mode():  # oneDNN creates its kernels for a shape on the first pass
             network(torch.zeros(8, 3, size, size, device=device))
-    # torch.optim's first step imports torch._dynamo (~1.9 s): pay it here, not in the build's head fit.
+    # The head fit's first run (its optimizer, its kernels): here, not in the build.
     x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
     cross_val_accuracy(x, y, 2)
     # The learning-curve advice's imports, ~1.4 s of a warm rebuild's 4.4 s under the AVX2 cap

@@ -1,14 +1,18 @@
 import dataclasses
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanostream.engine.backbone_specs import BackboneUnavailable
 from nanostream.engine.choice import Candidate, choose_backbone
 from nanostream.engine.data import DataError, scan_folder
 from nanostream.engine.features import FeatureCache
-from nanostream.engine.head import cross_val_accuracy, fit_head, stratified_folds
+from nanostream.engine.head import WEIGHT_DECAY, cross_val_accuracy, fit_head, fit_logits, stratified_folds
 from nanostream.engine.train import TrainConfig, TrainResult, train
 
 FAST = TrainConfig(backbone="efficientnet_lite0", augment="default", views=1)
@@ -107,6 +111,52 @@ def test_head_separates_separable_features_and_cv_sees_it():
     assert cross_val_accuracy(x, y, 2) >= 0.9
     noise_y = torch.randint(0, 2, (40,), generator=generator)
     assert cross_val_accuracy(torch.randn(40, 16, generator=generator), noise_y, 2) < 0.8
+
+
+def test_the_head_fit_is_the_optimum_of_the_standardised_problem():
+    # The fit folds standardising into the weights; the weights it finds must be where the loss on
+    # explicitly standardised features is flat (balanced classes: every photo weighs 1 / N).
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 8, generator=generator).relu() + 2.0
+    y = torch.arange(30) % 3
+    head = fit_head(x, y, 3)
+    weight = head.linear.weight.detach().clone().requires_grad_()
+    bias = head.linear.bias.detach().clone().requires_grad_()
+
+    def gradient_norm(w, b):
+        z = (x - head.mean) / head.scale
+        loss = F.cross_entropy(z @ w.T + b, y) + WEIGHT_DECAY * w.pow(2).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, [w, b])]).norm()
+
+    at_start = gradient_norm(torch.zeros_like(weight, requires_grad=True), torch.zeros_like(bias, requires_grad=True))
+    assert gradient_norm(weight, bias) < 1e-3 * at_start
+
+
+def test_heads_fitted_together_give_each_ones_own_logits():
+    # fit_logits fits several heads at once, each on its own rows with its own standardising, as
+    # cross-validation does. Feature 3 is 0 on every photo but one: head 1 never sees that photo,
+    # and its scale there is tiny, so only an exact 0 keeps that photo's logits finite.
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 6, generator=generator).relu()
+    x[:, 3], x[0, 3] = 0.0, 5.0
+    y = torch.arange(24) % 2
+    fit_rows = torch.ones(3, 24, dtype=torch.bool)
+    fit_rows[1, :8], fit_rows[2, 8:16] = False, False
+    together = fit_logits(x, y, 2, fit_rows)
+    for p, rows in enumerate(fit_rows):
+        alone = fit_head(x[rows], y[rows], 2)(x).detach()
+        assert torch.allclose(together[p], alone, atol=0.05), p  # L-BFGS stops on the sum of the losses
+    assert together[1, 0].abs().max() < 100
+
+
+def test_fitting_a_head_in_a_new_process_imports_no_compiler():
+    # torch.optim imports torch._dynamo (~2 s of a new worker) unless engine/lbfgs.py keeps it out.
+    code = ("import sys, torch; from nanostream.engine.head import cross_val_accuracy; "
+            "from nanostream.engine.calibration import fit_temperature; "
+            "x, y = torch.randn(12, 4), torch.arange(12) % 2; cross_val_accuracy(x, y, 2); "
+            "fit_temperature(torch.randn(12, 2), y); "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 def test_folds_are_stratified_and_disjoint():

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .lbfgs import lbfgs
+
 ECE_BINS = 15       # Guo et al.'s choice, so figures compare with the literature's
 # T is searched in log space over [1, 20]: past 20 the data say nothing a few dozen photos can, and
 # below 1 (sharpening) is what a set whose every out-of-fold answer was right asks for: hymenoptera
@@ -39,7 +41,7 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
     repeated out-of-fold rounds are pooled, each photo counted once per round."""
     logits, y = _pooled(logits.float(), y)
     log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], max_iter=MAX_ITER, line_search_fn="strong_wolfe")
+    optimizer = lbfgs([log_t], max_iter=MAX_ITER, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()

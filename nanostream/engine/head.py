@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lbfgs import lbfgs
+
 # L2 strength on standardised features. Accuracy on hymenoptera and flowers moved by
 # under one image across 1e-4..1e-1 (bench/bench_train.py), so one value serves.
 WEIGHT_DECAY = 1e-3
@@ -39,8 +41,8 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: flo
     head = Head(x.shape[1], n_classes)
     head.mean.copy_(x.mean(0))
     head.scale.copy_(x.std(0, unbiased=False) + 1e-6)
-    z = (x - head.mean) / head.scale
-    weight, bias = _fit_linear(z[None], F.one_hot(y, n_classes).float(), _balanced(y, n_classes)[None], weight_decay)
+    weight, bias = _fit_linear(x, head.mean[None], head.scale[None], F.one_hot(y, n_classes).float(),
+                               _balanced(y, n_classes)[None], weight_decay)
     with torch.no_grad():
         head.linear.weight.copy_(weight[0])
         head.linear.bias.copy_(bias[0, 0])
@@ -57,20 +59,21 @@ def _balanced(y: torch.Tensor, n_classes: int, rows: torch.Tensor | None = None)
     return weight / weight.sum()
 
 
-def _fit_linear(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
-                weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted multinomial logistic regression, for P independent problems at once.
+def _fit_linear(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, target: torch.Tensor,
+                sample_weight: torch.Tensor, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted multinomial logistic regression on standardised features, for P independent
+    problems at once.
 
-    z (P, N, D) standardised features, target (N, C) one-hot, sample_weight (P, N): each row
-    sums to 1, and 0 leaves a sample out of that problem. Returns weights (P, C, D) and biases
-    (P, 1, C). The P losses share no parameter, so L-BFGS on their sum reaches each one's
-    optimum: cross-validation runs one optimisation for all its folds instead of one per fold,
-    five times fewer small steps, each of which waits its turn for the interpreter while the
-    feature workers run. The gradient is written out (softmax minus one-hot, weighted), a quarter
-    less time than autograd's.
+    x (N, D) features; problem p standardises them with mean[p] and scale[p] (P, D); target (N, C)
+    one-hot; sample_weight (P, N): each row sums to 1, and 0 leaves a sample out of that problem.
+    Returns weights (P, C, D) and biases (P, 1, C) on the standardised scale. The P losses share
+    no parameter, so L-BFGS on their sum reaches each one's optimum: cross-validation runs one
+    optimisation for all its folds instead of one per fold, five times fewer small steps, each of
+    which waits its turn for the interpreter while the feature workers run. The gradient is
+    written out (softmax minus one-hot, weighted), a quarter less time than autograd's.
     """
-    with _threads_for(z.numel()):
-        return _lbfgs(z, target, sample_weight, weight_decay)
+    with _threads_for(len(mean) * x.numel()):
+        return _lbfgs(x, mean, scale, target, sample_weight, weight_decay)
 
 
 # Below this many feature numbers (problems x rows x width) a fit runs on one thread. Small
@@ -94,26 +97,54 @@ def _threads_for(size: int):
         torch.set_num_threads(threads)
 
 
-def _lbfgs(z: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
-           weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-    problems, _, dim = z.shape
+def _lbfgs(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, target: torch.Tensor,
+           sample_weight: torch.Tensor, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    problems, (_, dim) = len(mean), x.shape
+    x, inv_scale, shift = _standardising(x, mean, scale)
     weight = torch.zeros(problems, target.shape[1], dim)
     bias = torch.zeros(problems, 1, target.shape[1])
     weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=MAX_ITER, history_size=HISTORY,
-                                  line_search_fn="strong_wolfe")
+    optimizer = lbfgs([weight, bias], max_iter=MAX_ITER, history_size=HISTORY, line_search_fn="strong_wolfe")
 
     @torch.no_grad()
     def closure():
-        log_p = torch.log_softmax(torch.baddbmm(bias, z, weight.transpose(1, 2)), 2)
+        log_p = torch.log_softmax(_logits(x, inv_scale, shift, weight, bias), 2)
         loss = -(sample_weight * (log_p * target).sum(2)).sum() + weight_decay * weight.pow(2).sum()
-        d_logits = (log_p.exp() - target) * sample_weight[..., None]
-        torch.bmm(d_logits.transpose(1, 2), z, out=weight.grad).add_(weight, alpha=2 * weight_decay)
-        torch.sum(d_logits, 1, keepdim=True, out=bias.grad)
+        d_logits = (log_p.exp() - target) * sample_weight[..., None]  # (P, N, C)
+        d_sum = d_logits.sum(1, keepdim=True)
+        # d_logits.T @ standardised x, as _logits computes it
+        grad = (d_logits.permute(0, 2, 1).reshape(-1, len(x)) @ x).view_as(weight)
+        grad.mul_(inv_scale).sub_(d_sum.transpose(1, 2) * shift)
+        weight.grad.copy_(grad.add_(weight, alpha=2 * weight_decay))
+        bias.grad.copy_(d_sum)
         return loss
 
     optimizer.step(closure)
     return weight, bias
+
+
+def _standardising(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What _logits needs to standardise x as each of P problems does, (x - mean[p]) / scale[p],
+    without a (P, N, D) copy: the standardising is folded into the weights, so the P problems
+    share one x and each step is one matrix product over N x D numbers, not P of them.
+    out_of_fold_logits, 5 repeats of 5 folds, 1280 features, one thread (2-core Xeon, fp32):
+    30 photos with 4 views each 0.92 -> 0.27 s, 100 with 4 views 3.3 -> 1.3 s, without views
+    about the same (0.12 s, 0.49 -> 0.41 s). x is not
+    centred first: a feature that is 0 on every photo of a fit (often, after ReLU) then gives
+    exactly 0, as the unfolded form does, and its weight stays 0 however large a held-out photo's
+    value is over the tiny scale."""
+    inv_scale = 1 / scale
+    return x, inv_scale[:, None], (mean * inv_scale)[:, None]
+
+
+def _logits(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor) -> torch.Tensor:
+    """(P, N, C): x @ (W / s).T - (m / s) @ W.T + b, the logits of the standardised x (_standardising)."""
+    problems, classes, dim = weight.shape
+    scaled = (weight * inv_scale).view(-1, dim)  # (P * C, D): one matrix product for all P
+    logits = (x @ scaled.T).view(len(x), problems, classes).transpose(0, 1)
+    return logits + (bias - torch.matmul(shift, weight.transpose(1, 2)))
 
 
 def fit_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, fit_rows: torch.Tensor,
@@ -121,11 +152,12 @@ def fit_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, fit_rows: torch
     """(P, at, C) logits for the first `at` rows of x (every row by default) of P heads, the p-th
     fitted as fit_head fits one on the rows fit_rows[p] marks ((P, N) bool); all P at once (_fit_linear)."""
     x = x.float()
-    z = torch.stack([(x - x[rows].mean(0)) / (x[rows].std(0, unbiased=False) + 1e-6) for rows in fit_rows])
+    mean = torch.stack([x[rows].mean(0) for rows in fit_rows])
+    scale = torch.stack([x[rows].std(0, unbiased=False) for rows in fit_rows]) + 1e-6
     sample_weight = torch.stack([_balanced(y, n_classes, rows) for rows in fit_rows])
-    weight, bias = _fit_linear(z, F.one_hot(y, n_classes).float(), sample_weight, WEIGHT_DECAY)
+    weight, bias = _fit_linear(x, mean, scale, F.one_hot(y, n_classes).float(), sample_weight, WEIGHT_DECAY)
     with torch.no_grad():
-        return torch.baddbmm(bias, z[:, :at], weight.transpose(1, 2))
+        return _logits(*_standardising(x[:at], mean, scale), weight, bias)
 
 
 def stratified_folds(y: torch.Tensor, n_folds: int, seed: int) -> list[torch.Tensor]:
