@@ -100,7 +100,7 @@ def _threads_for(size: int):
 def _lbfgs(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, target: torch.Tensor,
            sample_weight: torch.Tensor, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
     problems, (_, dim) = len(mean), x.shape
-    x, inv_scale, shift = _standardising(x, mean, scale)
+    inv_scale, shift = _folded(mean, scale)
     weight = torch.zeros(problems, target.shape[1], dim)
     bias = torch.zeros(problems, 1, target.shape[1])
     weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
@@ -123,24 +123,25 @@ def _lbfgs(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, target: tor
     return weight, bias
 
 
-def _standardising(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What _logits needs to standardise x as each of P problems does, (x - mean[p]) / scale[p],
-    without a (P, N, D) copy: the standardising is folded into the weights, so the P problems
-    share one x and each step is one matrix product over N x D numbers, not P of them.
-    out_of_fold_logits, 5 repeats of 5 folds, 1280 features, one thread (2-core Xeon, fp32):
-    30 photos with 4 views each 0.92 -> 0.27 s, 100 with 4 views 3.3 -> 1.3 s, without views
-    about the same (0.12 s, 0.49 -> 0.41 s). x is not
-    centred first: a feature that is 0 on every photo of a fit (often, after ReLU) then gives
-    exactly 0, as the unfolded form does, and its weight stays 0 however large a held-out photo's
-    value is over the tiny scale."""
+def _folded(mean: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / scale, mean / scale) of P problems, shaped for _logits.
+
+    Each problem standardises x with its own mean and scale. Folding that into the weights,
+    (x - m) / s @ W.T = x @ (W / s).T - (m / s) @ W.T, lets the P problems share one x instead of
+    a standardised (P, N, D) copy each, and each step is one matrix product over N x D numbers,
+    not P of them. out_of_fold_logits, 5 repeats of 5 folds, 1280 features, one thread (2-core
+    Xeon, fp32): 30 photos with 4 views each 0.92 -> 0.27 s, 100 with 4 views 3.3 -> 1.3 s,
+    without views about the same (0.12 s; 0.49 -> 0.41 s). x is not centred first: a feature that
+    is 0 on every photo of a fit (common after ReLU) then gives exactly 0, as the unfolded form
+    does, and its weight stays 0 however large a held-out photo's value is over the tiny scale.
+    """
     inv_scale = 1 / scale
-    return x, inv_scale[:, None], (mean * inv_scale)[:, None]
+    return inv_scale[:, None], (mean * inv_scale)[:, None]
 
 
 def _logits(x: torch.Tensor, inv_scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor) -> torch.Tensor:
-    """(P, N, C): x @ (W / s).T - (m / s) @ W.T + b, the logits of the standardised x (_standardising)."""
+    """(P, N, C): x @ (W / s).T - (m / s) @ W.T + b, each problem's logits of its standardised x (_folded)."""
     problems, classes, dim = weight.shape
     scaled = (weight * inv_scale).view(-1, dim)  # (P * C, D): one matrix product for all P
     logits = (x @ scaled.T).view(len(x), problems, classes).transpose(0, 1)
@@ -157,7 +158,7 @@ def fit_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, fit_rows: torch
     sample_weight = torch.stack([_balanced(y, n_classes, rows) for rows in fit_rows])
     weight, bias = _fit_linear(x, mean, scale, F.one_hot(y, n_classes).float(), sample_weight, WEIGHT_DECAY)
     with torch.no_grad():
-        return _logits(*_standardising(x[:at], mean, scale), weight, bias)
+        return _logits(x[:at], *_folded(mean, scale), weight, bias)
 
 
 def stratified_folds(y: torch.Tensor, n_folds: int, seed: int) -> list[torch.Tensor]:
