@@ -83,6 +83,8 @@ def _fit_linear(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, target
 # less beside a busy core. out_of_fold_logits, 5 repeats of 5 folds, 2-core Xeon, one thread ->
 # two: 24 photos (0.8M) 0.19 -> 0.13 s idle, 0.22 -> 0.47 s busy; 100 photos (3.2M) 0.56 -> 0.30 s
 # idle, 0.55 -> 0.94 s busy; 100 photos with 4 views each (16M) 1.28 -> 0.85 s, 1.79 -> 2.54 s.
+# Those were measured before the folding in _folded. With it, idle, synthetic 1280-wide features:
+# 100 photos 0.41 -> 0.17 s, with 4 views 1.3 -> 0.86 s; not re-measured on a busy machine.
 PARALLEL_FROM = 3_000_000
 
 
