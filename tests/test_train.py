@@ -135,7 +135,8 @@ def test_the_head_fit_is_the_optimum_of_the_standardised_problem():
 def test_heads_fitted_together_give_each_ones_own_logits():
     # fit_logits fits several heads at once, each on its own rows with its own standardising, as
     # cross-validation does. Feature 3 is 0 on every photo but one: head 1 never sees that photo,
-    # and its scale there is tiny, so only an exact 0 keeps that photo's logits finite.
+    # and its scale there is 1e-6, so only an exact 0 on the photos it fits keeps that feature's
+    # weight at 0, and that photo's logits in range.
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(24, 6, generator=generator).relu()
     x[:, 3], x[0, 3] = 0.0, 5.0
