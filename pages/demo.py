@@ -5,6 +5,7 @@ photos are rate-limited (access.demo_budget). Nothing here reads or changes a pr
 import streamlit as st
 
 from nanostream import ui
+from nanostream.engine.bundle import BundleError, read_header
 from nanostream.flows import publish
 from nanostream.ui import demo as demo_ui
 from nanostream.ui import share as share_ui
@@ -24,20 +25,25 @@ if target.record is None:
         st.link_button("Open the current version", target.project_path, icon=":material/open_in_new:")
     st.stop()
 record = target.record
-try:
-    classifier = ui.load_model(record.bundle_path)
-except (ValueError, OSError, RuntimeError):
-    st.error("This model cannot be loaded right now. Ask the person who shared it to build and publish it again.")
+UNLOADABLE = "This model cannot be loaded right now. Ask the person who shared it to build and publish it again."
+try:  # the header is enough to show the page: the network loads with the first photo (seconds, and torch)
+    meta = read_header(record.bundle_path).meta
+except BundleError:
+    st.error(UNLOADABLE)
     st.stop()
 
-st.title(classifier.meta.get("name") or record.project or record.model_id)
-st.markdown("Tells apart: " + ", ".join(f"**{label}**" for label in classifier.labels))
+st.title(meta.get("name") or record.project or record.model_id)
+st.markdown("Tells apart: " + ", ".join(f"**{label}**" for label in meta["labels"]))
 photo = st.file_uploader("Upload a photo", type=IMAGE_TYPES, key="demo_photo") or ui.camera_ui("demo_camera")
 refusal = None if photo is None else demo_ui.demo_refusal(photo)
 if refusal:
     st.warning(refusal)
 elif photo is not None:
-    prediction = ui.predictions(record.bundle_path, (photo.getvalue(),), (photo.name,))[0]
+    try:
+        prediction = ui.predictions(record.bundle_path, (photo.getvalue(),), (photo.name,))[0]
+    except (ValueError, OSError, RuntimeError):  # damaged past its header, or its backbone is unavailable
+        st.error(UNLOADABLE)
+        st.stop()
     ui.prediction_ui(prediction, photo.getvalue(), ui.NOT_SURE)
 share_ui.credits_ui(record.bundle_path)  # what its photos allow, and whom they credit
 st.caption("Made with NanoStream")

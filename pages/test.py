@@ -4,6 +4,7 @@ measures its accuracy. Answers are kept: moving the 'not sure' slider only redra
 import streamlit as st
 
 from nanostream import ui
+from nanostream.engine.bundle import BundleError, read_header
 from nanostream.flows import evaluate
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
@@ -22,18 +23,27 @@ model_id = left.selectbox("Model version", list(by_id), key="test_model", format
 threshold = right.slider("'Not sure' below", 0.0, 1.0, ui.NOT_SURE, 0.05, key="test_threshold",
                          help="When the top probability is under this, the answer is shown as 'not sure'.")
 bundle = by_id[model_id].bundle_path
-try:
-    classifier = ui.load_model(bundle)
-except (ValueError, OSError, RuntimeError) as exc:  # BundleError, a missing file, BackboneUnavailable
+try:  # the header is enough for the page: the network loads with the first photo (seconds, and torch)
+    labels = read_header(bundle).meta["labels"]
+except BundleError as exc:  # a damaged or missing file
     st.error(f"Cannot load model {model_id}: {exc}")
     st.stop()
-st.caption(f"Categories: {', '.join(classifier.labels)}")
+st.caption(f"Categories: {', '.join(labels)}")
 
+
+def unloadable(exc: Exception) -> None:
+    """Damaged past its header, or its backbone is unavailable (BackboneUnavailable): said, and the page stops."""
+    st.error(f"Cannot load model {model_id}: {exc}")
+    st.stop()
 
 
 def answers_ui(payloads: list[bytes], names: list[str]) -> None:
     """Each photo with the model's answer: classified once (ui.predictions), redrawn at each threshold."""
-    for prediction, data in zip(ui.predictions(bundle, tuple(payloads), tuple(names)), payloads):
+    try:
+        answers = ui.predictions(bundle, tuple(payloads), tuple(names))
+    except (ValueError, OSError, RuntimeError) as exc:
+        unloadable(exc)
+    for prediction, data in zip(answers, payloads):
         ui.prediction_ui(prediction, data, threshold)
 
 
@@ -70,6 +80,10 @@ with measure_tab:
     if archives or folder:
         photos, skipped = evaluate.uploaded_photos([(f.name, f.getvalue()) for f in [*archives, *folder]])
         with st.spinner(f"Classifying {len(photos)} photo(s)…"):
+            try:
+                classifier = ui.load_model(bundle)
+            except (ValueError, OSError, RuntimeError) as exc:
+                unloadable(exc)
             evaluation = evaluate.evaluate(classifier, photos, skipped)
         if evaluation.n:
             st.metric(f"Accuracy on {evaluation.n} photos", f"{evaluation.accuracy:.0%}")

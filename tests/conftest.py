@@ -77,6 +77,14 @@ def trained_model(tiny_hymenoptera):
 FIRST = ("test_browser", "test_auth", "test_ray", "test_jobs", "test_app", "test_browser_uploads", "test_standby")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """item.report_setup/_call/_teardown: fixtures read whether their test failed (test_browser.shots)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         module = item.path.stem

@@ -6,7 +6,7 @@ An editor (NANOSTREAM_EDITORS) gets the projects; a signed-in non-editor gets "y
 only" and no Share page (so no API keys); a visitor gets the sign-in and nothing of the projects;
 /demo?project=<name> and /demo?model=<id> open without signing in, and a replaced version's link
 says so and points to the project's. One app start for the module; every wait is bounded.
-Screenshots go to NANOSTREAM_SCREENSHOTS (e.g. docs/screenshots) or the test's tmp folder.
+Screenshots go to NANOSTREAM_SCREENSHOTS (e.g. docs/screenshots) when it is set (test_browser.shots).
 """
 
 from __future__ import annotations

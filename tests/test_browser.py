@@ -3,11 +3,13 @@
 
 open the sample project -> build -> test with an uploaded photo -> publish -> open the demo link
 in a fresh browser context and get a prediction. Screenshots go to NANOSTREAM_SCREENSHOTS
-(e.g. docs/screenshots) or the test's tmp folder. Every wait is bounded.
+(e.g. docs/screenshots) when it is set; a failure leaves its pages in the test's tmp folder.
+Every wait is bounded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -66,13 +68,21 @@ def browser():
 
 
 @pytest.fixture
-def shots(tmp_path):
-    folder = Path(os.environ.get("NANOSTREAM_SCREENSHOTS") or tmp_path / "screenshots")
+def shots(request, tmp_path):
+    """shoot(page, name): a full-page screenshot into NANOSTREAM_SCREENSHOTS when that is set (the
+    README's docs/screenshots); without it, only the pages open when the test fails, into its tmp
+    folder. The shots took this test and the sign-in test ~15 s that nobody looks at when they pass."""
+    wanted = os.environ.get("NANOSTREAM_SCREENSHOTS")
+    folder = Path(wanted or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
+    last = {}  # page -> the name of its last shot: what each page showed when the test failed
 
     def shoot(page, name: str) -> None:
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+        last[page] = name
+        if not wanted:
+            return
         try:  # the app is idle once its "running" indicator is gone
             page.locator("[data-testid='stStatusWidget']").wait_for(state="detached", timeout=20_000)
         except PlaywrightTimeout:
@@ -85,7 +95,13 @@ def shots(tmp_path):
         page.screenshot(path=folder / f"{name}.png")
         page.set_viewport_size(size)
 
-    return shoot
+    yield shoot
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for page, name in last.items():
+            with contextlib.suppress(Exception):  # a page that closed or crashed: the others still come
+                page.screenshot(path=folder / f"failed-after-{name}.png")
+        print(f"screenshots of the pages as the test failed: {folder}")
 
 
 def _photo(datasets_root: Path) -> Path:

@@ -122,6 +122,11 @@ def test_a_file_that_is_not_an_image_is_one_clear_line(trained, tiny_hymenoptera
     page.write_text("<!DOCTYPE html>\n<html><body>This image is no longer available</body></html>")
     alone = run_process("predict", model_id, page, check=False)  # the real entry point, once
     assert (alone.returncode, alone.stdout, alone.stderr) == (2, "", f"error: {page}: not an image (HTML)\n")
+    said_at_once = subprocess.run(  # no model loaded for it: the process never imports torch
+        [sys.executable, "-c", "import sys\nfrom nanostream.cli.main import main\ntry: main(sys.argv[1:])\n"
+         "except SystemExit: print(sorted({'torch', 'timm'} & set(sys.modules)))", "predict", model_id, page],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert said_at_once.stdout == "[]\n", said_at_once.stderr
     photo = sorted((tiny_hymenoptera / "val" / "ants").iterdir())[0]
     mixed = run("predict", model_id, photo, page, check=False)  # one good input: the others are reported, exit 0
     assert (mixed.returncode, mixed.stderr) == (0, f"error: {page}: not an image (HTML)\n")

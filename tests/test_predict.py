@@ -86,6 +86,21 @@ def test_an_unreadable_input_says_what_it_is(trained_model, tmp_path):
     assert all(r.label is None and r.probs == {} for r in results)
 
 
+def test_inputs_that_are_no_pictures_are_refused_as_the_model_would_without_it(trained_model, tiny_hymenoptera, tmp_path):
+    from nanostream.engine.prediction import refused, refused_files
+
+    photo = sorted((tiny_hymenoptera / "val" / "ants").iterdir())[0].read_bytes()
+    bad = {"page.jpg": b"<!doctype html><html></html>", "cut.jpg": photo[:len(photo) // 2], "blank.png": b""}
+    (tmp_path / "cut.jpg").write_bytes(bad["cut.jpg"])
+    model_says = load_classifier(trained_model[0]).predict_bytes(list(bad.values()), list(bad))
+    assert refused(list(bad.values()), list(bad)) == model_says  # the truncated JPEG too: it is decoded
+    assert [p.error for p in model_says] == ["not an image (HTML)", "not a readable image: damaged JPEG data",
+                                             "empty file"]
+    assert refused([*bad.values(), photo], [*bad, "ant.jpg"]) is None  # one picture: the model has work
+    assert [p.error for p in refused_files([tmp_path / "cut.jpg", tmp_path / "gone.jpg"])] == [
+        "not a readable image: damaged JPEG data", "cannot read file: No such file or directory"]
+
+
 def test_a_fine_tuned_tensor_that_does_not_fit_its_backbone_is_refused(trained_model, tmp_path):
     """The header check cannot see the network's own shapes; the loader compares before loading."""
     meta, tensors = read_bundle(trained_model[1])

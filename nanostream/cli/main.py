@@ -100,9 +100,13 @@ def _train_text(summary) -> str:
 
 def cmd_predict(args) -> None:
     path = checked_model(args.model)
-    from ..engine.predict import load_classifier
+    from ..engine.prediction import refused_files
 
-    predictions = load_classifier(path).predict_files(args.images)
+    predictions = refused_files(args.images)  # when every input is bad, said at once: no model, no torch
+    if predictions is None:
+        from ..engine.predict import load_classifier
+
+        predictions = load_classifier(path).predict_files(args.images)
     for p in predictions:  # one line each on stderr ("page.jpg: not an image (HTML)"); the others go on
         if p.error:
             print(f"error: {p.file}: {p.error}", file=sys.stderr)

@@ -98,13 +98,17 @@ def _plain(exc: Exception) -> str:
     return " ".join(text.split())[:200] or type(exc).__name__
 
 
-def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Read and decode an image file; BadImage (never another error) for unreadable files."""
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes; BadImage saying why when it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise BadImage(f"cannot read file: {exc.strerror or exc}") from exc
-    return decode_image(data, draft_size=draft_size)
+
+
+def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Read and decode an image file; BadImage (never another error) for unreadable files."""
+    return decode_image(read_file(path), draft_size=draft_size)
 
 
 def is_image_name(path: str | Path) -> bool:

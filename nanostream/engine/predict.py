@@ -23,7 +23,7 @@ import logging
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,32 +34,16 @@ from .backbones import load_backbone, prepare_image, weights_fingerprint
 from .bundle import BundleError, read_bundle
 from .device import default_device, precision
 from .head import Head
-from .images import BadImage, decode_image
+from .images import BadImage, decode_image, read_file
 from .inference import for_inference, inference_backbone
 from .models import resolve_model
+from .prediction import Prediction
 from .unknown import UnknownDetector, from_bundle
 
 BATCH_SIZE = 16
 TRACE_RTOL = 1e-5  # fp32 features from other kernels (or summation orders) differ by ~1e-7 relative
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    file: str
-    label: str | None
-    confidence: float | None
-    probs: dict[str, float] = field(default_factory=dict)
-    error: str | None = None    # set, and the rest empty, when this one image could not be read
-    unknown: bool = False       # unlike the model's own photos: "none of these" (label is still the closest)
-
-    def to_dict(self) -> dict:
-        out = {"file": self.file, "label": self.label, "confidence": self.confidence, "probs": self.probs,
-               "unknown": self.unknown}
-        if self.error:
-            out["error"] = self.error
-        return out
 
 
 @dataclass(frozen=True)
@@ -245,10 +229,10 @@ class Classifier:
         payloads, names, errors = [], [], {}
         for f in files:
             try:
-                payloads.append(Path(f).read_bytes())
+                payloads.append(read_file(f))
                 names.append(str(f))
-            except OSError as exc:
-                errors[str(f)] = Prediction(str(f), None, None, error=f"cannot read file: {exc.strerror or exc}")
+            except BadImage as exc:
+                errors[str(f)] = Prediction(str(f), None, None, error=str(exc))
         predicted = iter(self.predict_bytes(payloads, names))
         return [errors.get(str(f)) or next(predicted) for f in files]
 

@@ -171,8 +171,12 @@ def thumbnail(path: str, size: int = THUMB_SIZE) -> bytes:
 @st.cache_data(max_entries=16, show_spinner="Classifying…")
 def predictions(bundle_path: str, payloads: tuple[bytes, ...], names: tuple[str, ...]) -> list:
     """load_model(bundle_path).predict_bytes, kept by the photos' bytes: moving the 'not sure'
-    slider redraws the answers it has, instead of classifying again (seconds on a CPU)."""
-    return load_model(bundle_path).predict_bytes(payloads, names)
+    slider redraws the answers it has, instead of classifying again (seconds on a CPU). When not
+    one is a picture, their sentences come without the model: no torch import for a web page."""
+    from ..engine.prediction import refused
+
+    said = refused(payloads, names)
+    return said if said is not None else load_model(bundle_path).predict_bytes(payloads, names)
 
 
 def prediction_ui(prediction, data: bytes, threshold: float) -> None:
