@@ -1,9 +1,11 @@
-"""Process-wide settings, made by the entry points that run networks (the CLI, job workers), never
-on import: the Streamlit server and the tests import the engine without them."""
+"""Process-wide settings, made by the entry points (the CLI, job workers, the app), never on
+import: code that imports the engine as a library keeps the interpreter's defaults."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import gc
 
 
 def keep_freed_memory() -> bool:
@@ -22,3 +24,12 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def skip_collection_at_exit() -> None:
+    """Exit without the interpreter's last garbage collections: the OS frees the memory anyway,
+    and with torch and timm imported those collections cost ~1.4 s of CPU at every exit
+    (`python -c "import timm"`: 8.8 s against 7.4 s with this). atexit handlers still run, and
+    files are still flushed and closed. Calling it again changes nothing (app.py runs per page)."""
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)  # objects frozen are skipped by every later collection

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import jobs, runners, standby
-from .process import keep_freed_memory
+from .process import keep_freed_memory, skip_collection_at_exit
 from .store.db import Store
 from .store.records import Job, StoreError
 
@@ -267,4 +267,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    skip_collection_at_exit()
     sys.exit(main())

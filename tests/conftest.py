@@ -25,6 +25,10 @@ else:
 # tests run on. tests/test_standby.py turns it on where it is the point.
 os.environ["NANOSTREAM_WARM_WORKER"] = "0"
 
+from nanostream.process import skip_collection_at_exit  # noqa: E402 - after the settings above
+
+skip_collection_at_exit()  # as the CLI and the workers do: each test process imports torch
+
 
 @pytest.fixture(scope="session")
 def datasets() -> Path:

@@ -115,7 +115,8 @@ def test_pages_and_their_helpers_do_not_import_torch():
     import sys
 
     code = ("import sys; import nanostream.ui, nanostream.ui.images, nanostream.ui.build, nanostream.jobs, nanostream.flows.sample, nanostream.store.keys, "
-            "nanostream.flows.review, nanostream.flows.evaluate, nanostream.flows.publish, nanostream.charts; "
+            "nanostream.flows.review, nanostream.flows.evaluate, nanostream.flows.publish, nanostream.charts, "
+            "nanostream.engine.bundle, nanostream.engine.prediction; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(APP).parent)
     for page in Path(APP).parent.glob("pages/*.py"):

@@ -192,6 +192,28 @@ def test_cancelling_a_ray_build_leaves_the_project_unchanged(ray_node, tmp_path,
     assert store.counts("insects") == {"ants": 8, "bees": 8}
 
 
+def test_the_cli_trains_a_folder_on_ray(ray_node, datasets, tmp_path, monkeypatch, capsys):
+    """`nanostream train DATA --runner ray --json`: the local run's summary, with runner and node."""
+    from nanostream.cli.main import main
+
+    data = copy_slice(datasets / "hymenoptera" / "val", tmp_path / "data", per_class=4)
+    (data / "ants" / "notes.txt").write_text("not a photo")
+    printed = {}
+    for runner in ("local", "ray"):
+        monkeypatch.setenv("NANOSTREAM_HOME", str(tmp_path / f"home-{runner}"))
+        out = tmp_path / f"{runner}.safetensors"
+        assert main(["train", str(data), "--backbone", "efficientnet_lite0", "--augment", "none", "--runner", runner,
+                     "--out", str(out), "--quiet", "--json"]) == 0
+        printed[runner] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert printed[runner]["path"] == str(out) and out.is_file()
+    assert (printed["ray"]["runner"], printed["ray"]["node"]) == ("ray", ray_node)
+    assert printed["ray"]["skipped"] == [{"file": str(data / "ants" / "notes.txt"),
+                                          "reason": "not an image file extension"}]
+    for summary in printed.values():
+        del summary["runner"], summary["node"]
+    assert same_part(printed["ray"]) == same_part(printed["local"])
+
+
 def ray_task_pids(function: str) -> list[int]:
     """The Ray workers running `function` now (Ray titles a busy worker ray::FUNCTION)."""
     found = []
@@ -219,28 +241,6 @@ def test_a_killed_ray_worker_fails_the_build_and_the_store_stays_readable(ray_no
     with Store(tmp_path / "store") as again:
         assert again.counts("insects") == {"ants": 8, "bees": 8} and again.list_models("insects") == []
         assert again.get_job(job_id).status == "failed"
-
-
-def test_the_cli_trains_a_folder_on_ray(ray_node, datasets, tmp_path, monkeypatch, capsys):
-    """`nanostream train DATA --runner ray --json`: the local run's summary, with runner and node."""
-    from nanostream.cli.main import main
-
-    data = copy_slice(datasets / "hymenoptera" / "val", tmp_path / "data", per_class=4)
-    (data / "ants" / "notes.txt").write_text("not a photo")
-    printed = {}
-    for runner in ("local", "ray"):
-        monkeypatch.setenv("NANOSTREAM_HOME", str(tmp_path / f"home-{runner}"))
-        out = tmp_path / f"{runner}.safetensors"
-        assert main(["train", str(data), "--backbone", "efficientnet_lite0", "--augment", "none", "--runner", runner,
-                     "--out", str(out), "--quiet", "--json"]) == 0
-        printed[runner] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert printed[runner]["path"] == str(out) and out.is_file()
-    assert (printed["ray"]["runner"], printed["ray"]["node"]) == ("ray", ray_node)
-    assert printed["ray"]["skipped"] == [{"file": str(data / "ants" / "notes.txt"),
-                                          "reason": "not an image file extension"}]
-    for summary in printed.values():
-        del summary["runner"], summary["node"]
-    assert same_part(printed["ray"]) == same_part(printed["local"])
 
 
 def test_an_unreachable_cluster_is_one_sentence_in_seconds():
