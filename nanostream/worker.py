@@ -203,7 +203,7 @@ WORK = {"build": _build, "search": _search, "urls": _urls, "rank": _rank}  # job
 # ---------------------------------------------------------------- the process
 
 def _warm() -> None:
-    """Everything a build needs before its first line of work: imports, backbones, kernels."""
+    """Everything a build or a ranking needs before its first line of work: imports, backbones, kernels."""
     import torch
 
     from .engine import train  # noqa: F401 - imported for its import cost (torch.optim, the engine)
@@ -229,6 +229,9 @@ def _warm() -> None:
     # (scipy.optimize 0.6 s for its fit, matplotlib 0.8 s for its chart).
     from scipy.optimize import curve_fit  # noqa: F401
     from . import charts  # noqa: F401
+    # The ranking's (flows.review.label_issues): opening a project, and every change to its photos,
+    # starts one; cleanlab imports scikit-learn, ~1.8 s after torch on this 2-core CPU.
+    import cleanlab.filter  # noqa: F401
 
 
 def _wait_for_job(folder: str) -> str:
