@@ -11,6 +11,7 @@ from nanostream.ui import demo as demo_ui
 from nanostream.ui import share as share_ui
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+UNLOADABLE = "This model cannot be loaded right now. Ask the person who shared it to build and publish it again."
 
 ui.run_through_app()
 # app.py hides the navigation for demo links; this hides the sidebar's toggle too.
@@ -25,7 +26,6 @@ if target.record is None:
         st.link_button("Open the current version", target.project_path, icon=":material/open_in_new:")
     st.stop()
 record = target.record
-UNLOADABLE = "This model cannot be loaded right now. Ask the person who shared it to build and publish it again."
 try:  # the header is enough to show the page: the network loads with the first photo (seconds, and torch)
     meta = read_header(record.bundle_path).meta
 except BundleError:
