@@ -4,7 +4,8 @@ For each draw of --per-class training photos a class (bench_quality.draw: hymeno
 its val/, flowers on the photos not drawn) and each Lite backbone, a head (fit_head, as a build
 fits it) learns from the originals and the first k of the default policy's augmented views
 (view j of a photo is the same whatever the count, features.py); printed is the mean val
-accuracy over draws and backbones for each k. Each view costs one forward pass per photo.
+accuracy over draws and backbones for each k, and each k's gain over the count builds make,
+paired by draw and backbone. Each view costs one forward pass per photo.
 
     python bench/views_count.py --seeds 0 1 2 3 4 5
 """
@@ -50,9 +51,16 @@ def accuracies(name: str, per_class: int, seed: int, backbone: str, cache: Featu
 
 def main() -> None:
     args = features_only_args(__doc__.splitlines()[0])
+    build = get_policy("default").views
     for name, runs in each_draw(args, accuracies):
         means = ", ".join(f"{k} views {statistics.mean(r[k] for r in runs):.4f}" for k in range(MAX_VIEWS + 1))
         print(f"{name} ({len(args.seeds)} draws x 3 backbones, {args.per_class} a class), mean val accuracy: {means}")
+        # Paired by draw and backbone: the spread between draws is larger than the views' effect.
+        for k in (k for k in range(MAX_VIEWS + 1) if k != build):
+            gains = [r[k] - r[build] for r in runs]
+            print(f"  {k} views against a build's {build}: {statistics.mean(gains):+.4f} "
+                  f"(standard error {statistics.stdev(gains) / len(gains) ** 0.5:.4f}; "
+                  f"better in {sum(g > 0 for g in gains)}, worse in {sum(g < 0 for g in gains)} of {len(gains)})")
 
 
 if __name__ == "__main__":

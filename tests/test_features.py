@@ -27,6 +27,16 @@ def test_second_extraction_comes_from_cache(photos, tmp_path):
     assert first.augmented.shape == (3, 2, 1280)
 
 
+def test_a_photos_features_do_not_depend_on_the_pass_it_shared(photos, tmp_path):
+    """A rebuild mixes rows cached from passes of other sizes (feature_chunks.batch_size) with new
+    ones: every row must be what the photo alone gives, in either precision."""
+    together = extract_features(photos, "efficientnet_lite0", cache=FeatureCache(tmp_path / "together"))
+    alone = torch.cat([extract_features([photo], "efficientnet_lite0", cache=FeatureCache(tmp_path / f"alone{i}")).original
+                       for i, photo in enumerate(photos)])
+    assert together.computed == len(photos) and together.original.shape == alone.shape
+    torch.testing.assert_close(together.original, alone, rtol=2e-2, atol=2e-2)
+
+
 def test_adding_images_or_views_computes_only_what_is_new(photos, datasets, tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     policy = get_policy("default")

@@ -27,7 +27,7 @@ from .augment import AugmentPolicy
 from .backbones import get_spec, weights_fingerprint
 from .device import default_device, precision
 # _read: the name test_features stubs to count the files a lookup opens
-from .feature_chunks import BATCH_SIZE, chunk_rows, read_source as _read, rows_on_cluster
+from .feature_chunks import batch_size, chunk_rows, read_source as _read, rows_on_cluster
 from .inference import inference_backbone
 from ..store.records import content_hash
 
@@ -139,14 +139,14 @@ def _in_order(fn: Callable, items: Sequence, workers: int) -> Iterator:
                 future.cancel()
 
 
-def _balanced_chunks(items: list[int], rows: list[int]) -> list[list[int]]:
-    """Items grouped into chunks of at most about BATCH_SIZE rows (one forward pass), in whole
+def _balanced_chunks(items: list[int], rows: list[int], batch: int) -> list[list[int]]:
+    """Items grouped into chunks of at most about `batch` rows (one forward pass), in whole
     rounds of WORKERS chunks of even size, so the workers finish together: with chunks of 8
     rows, a rebuild's 10 new rows ran as one pass of 8 on one core and 2 on the other."""
     total = sum(rows)
     if not total:
         return []
-    rounds = math.ceil(total / (WORKERS * BATCH_SIZE))
+    rounds = math.ceil(total / (WORKERS * batch))
     target = math.ceil(total / (WORKERS * rounds))
     chunks: list[list[int]] = []
     size = 0
@@ -219,7 +219,7 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     def compute(chunk: list[int]) -> int:  # on a worker thread; returns how many images it finished
         torch.set_num_threads(threads)
         needs = [(sources[i], results[i].digest, _missing(results[i])) for i in chunk]
-        for i, rows in zip(chunk, chunk_rows(needs, model, spec, policy, device)):
+        for i, rows in zip(chunk, chunk_rows(needs, model, spec, policy, device, batch)):
             _finish(results[i], rows)
         return len(chunk)
 
@@ -241,7 +241,8 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
         for i in missing:
             results[i] = _Rows(error="not cached")
         missing = []
-    chunks = _balanced_chunks(missing, [len(_missing(results[i])) for i in missing])
+    batch = batch_size(device, mode)
+    chunks = _balanced_chunks(missing, [len(_missing(results[i])) for i in missing], batch)
     done = len(sources) - len(missing)
     if on_progress:
         on_progress(done, len(sources))
