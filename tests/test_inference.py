@@ -60,7 +60,7 @@ def test_a_cpu_without_bf16_kernels_gets_fp32_even_when_bf16_is_asked_for(monkey
     monkeypatch.setattr(device, "cpu_info", lambda: avx2)
     monkeypatch.delenv("NANOSTREAM_PRECISION", raising=False)
     assert precision(CPU) == "fp32"
-    assert avx2.describe() == "AMD EPYC 7B13; AVX2; bf16 kernels no"
+    assert avx2.describe() == "AMD EPYC 7B13; AVX2; AVX512-BF16 no, AMX no; bf16 kernels no"
     monkeypatch.setenv("NANOSTREAM_PRECISION", "bf16")
     with caplog.at_level("WARNING", logger="nanostream.engine.device"):
         assert precision(CPU) == "fp32"

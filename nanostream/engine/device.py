@@ -34,9 +34,10 @@ class CpuInfo:
     def describe(self) -> str:
         """One line for benchmarks and logs: a figure is only meaningful with the CPU beside it."""
         isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in self.flags), "no AVX2")
-        extras = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if flag in self.flags]
-        return (f"{self.model}; {isa}" + "".join(f", {e}" for e in extras)
-                + f"; bf16 kernels {'yes' if self.bf16_kernels else 'no'}")
+        # Both said either way: an AVX-512-BF16 CPU without AMX (AMD's EPYC) is a kind of its own.
+        bf16 = ", ".join(f"{name} {'yes' if flag in self.flags else 'no'}"
+                         for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")))
+        return f"{self.model}; {isa}; {bf16}; bf16 kernels {'yes' if self.bf16_kernels else 'no'}"
 
 
 @functools.lru_cache(maxsize=1)
