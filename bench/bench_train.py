@@ -16,7 +16,7 @@ baseline, in its favour). Each NanoStream build runs in a new process, as the ap
 backbone for inference and keeps it on disk (inference.py); it is printed, and the first builds
 compared are the next --repeats ones (new processes, empty feature caches), their median.
 The rebuild, likewise the median of --repeats, is a new process with a copy of the first
-build's feature cache.
+build's feature cache. Last, each target of issue 11 that the run measured, met or missed.
 """
 
 from __future__ import annotations
@@ -140,6 +140,37 @@ def baseline_finetune(data: Path, name: str, epochs: int = 10, seed: int = 0) ->
             correct += int((head(network(x)).argmax(1) == torch.tensor([y_of[it.label] for it in batch])).sum())
     seconds = time.perf_counter() - started
     return correct / len(dataset.val), seconds
+
+
+# ---------------------------------------------------------------- the targets (issue 11)
+
+SPEEDUP, REBUILD_SPEEDUP, ONE_IMAGE = 10.0, 5.0, 1.3   # ×, ×, and one image's cost over its forward
+APP_FIRST_S, APP_REBUILD_S = 8.0, 2.0                  # the sample project in the app, warm worker
+
+
+def target_lines(figures: dict) -> list[str]:
+    """One line per target this run measured: the target, the figure, met or missed."""
+    def line(what: str, figure: str, met: bool) -> str:
+        return f"  {what}: {figure}, {'met' if met else 'MISSED'}"
+
+    lines = []
+    for name, f in figures.items():
+        if "speedup" in f:
+            lines += [line(f"{name}: time to model >= {SPEEDUP:.0f}x the fine-tune at equal or better accuracy",
+                           f"{f['speedup']:.1f}x at {f['nanostream_accuracy']:.3f} against {f['baseline_accuracy']:.3f}",
+                           f["speedup"] >= SPEEDUP and f["nanostream_accuracy"] >= f["baseline_accuracy"]),
+                      line(f"{name}: rebuild >= {REBUILD_SPEEDUP:.0f}x", f"{f['rebuild_speedup']:.1f}x",
+                           f["rebuild_speedup"] >= REBUILD_SPEEDUP)]
+    if "latency" in figures:
+        ratio = figures["latency"]["ratio"]
+        lines.append(line(f"one image <= {ONE_IMAGE}x the backbone's forward", f"{ratio:.2f}x", ratio <= ONE_IMAGE))
+    if "warm" in figures:
+        warm = figures["warm"]
+        lines += [line(f"app, sample project, first build <= {APP_FIRST_S:.0f} s (warm worker)",
+                       f"{warm['first_seconds']:.1f} s", warm["first_seconds"] <= APP_FIRST_S),
+                  line(f"app, rebuild after fixing 3 photos <= {APP_REBUILD_S:.0f} s (warm worker)",
+                       f"{warm['rebuild_seconds']:.1f} s", warm["rebuild_seconds"] <= APP_REBUILD_S)]
+    return lines
 
 
 # ---------------------------------------------------------------- measurements
@@ -314,23 +345,24 @@ def main() -> None:
     print(machine_summary(), flush=True)
     root = datasets_dir()
     work = Path(tempfile.mkdtemp(prefix="nanostream-bench-"))
+    figures = {}
     if args.app:
         for warm in (True, False):
             runs = [app_builds(work / f"app-{i}", warm) for i in range(args.repeats)]
             middle = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            figures = {"warm" if warm else "cold": middle}
+            figures["warm" if warm else "cold"] = middle
             print(f"app, sample project ({'warm worker' if warm else 'a new worker per job'}), medians of "
                   f"{args.repeats}: first build {middle['first_seconds']:.1f} s (training {middle['first_train_seconds']:.1f}), "
                   f"rebuild after fixing 3 photos {middle['rebuild_seconds']:.1f} s "
                   f"(training {middle['rebuild_train_seconds']:.1f})"
                   + (f"; the worker was warm {middle['first_warm_up_seconds']:.1f} s after the app started, "
                      f"{middle['rebuild_warm_up_seconds']:.1f} s after the first build" if warm else ""), flush=True)
-            print(json.dumps(figures), flush=True)
+            print(json.dumps({"warm" if warm else "cold": middle}), flush=True)
         if args.app_only:
+            print("\ntargets:\n" + "\n".join(target_lines(figures)))
             return
     os.environ["NANOSTREAM_HOME"] = str(work / "home")  # the children's too
     sets = make_sets(root, work, args.per_class)
-    figures = {}
     print(f"\n{'dataset':<12} {'backbone':<19} {'NanoStream acc':>14} {'s':>7} {'baseline acc':>12} {'s':>7} "
           f"{'speedup':>8} {'rebuild s':>9} {'rebuild x':>9}", flush=True)
     for name, data in sets.items():
@@ -373,6 +405,7 @@ def main() -> None:
         figures["memory"] = {"images": n, "peak_gb": peak_gb}
         print(f"peak memory of a {n}-image build: {peak_gb:.2f} GB")
     print(json.dumps(figures))
+    print("\ntargets:\n" + "\n".join(target_lines(figures)))
     shutil.rmtree(work, ignore_errors=True)
 
 
