@@ -29,7 +29,7 @@ def test_second_extraction_comes_from_cache(photos, tmp_path):
 
 def test_a_photos_features_do_not_depend_on_the_pass_it_shared(photos, tmp_path):
     """A rebuild mixes rows cached from passes of other sizes (feature_chunks.batch_size) with new
-    ones: every row must be what the photo alone gives, in either precision."""
+    ones: every row must be what the photo alone gives (in the precision this CPU runs: bf16 or fp32)."""
     together = extract_features(photos, "efficientnet_lite0", cache=FeatureCache(tmp_path / "together"))
     alone = torch.cat([extract_features([photo], "efficientnet_lite0", cache=FeatureCache(tmp_path / f"alone{i}")).original
                        for i, photo in enumerate(photos)])
