@@ -103,6 +103,13 @@ def features_only_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def paired(gains: list[float]) -> str:
+    """A gain paired by draw and backbone, as the features-only benches print it: the spread
+    between draws is larger than most effects they measure."""
+    return (f"{statistics.mean(gains):+.4f} (standard error {statistics.stdev(gains) / len(gains) ** 0.5:.4f}; "
+            f"better in {sum(g > 0 for g in gains)}, worse in {sum(g < 0 for g in gains)} of {len(gains)})")
+
+
 def each_draw(args: argparse.Namespace, measure):
     """Per shared set, (its name, measure(name, per_class, seed, backbone, cache) for every draw
     and Lite backbone), one set at a time; the CPU is printed first."""

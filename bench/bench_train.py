@@ -148,7 +148,7 @@ SPEEDUP, REBUILD_SPEEDUP, ONE_IMAGE = 10.0, 5.0, 1.3   # ×, ×, and one image's
 APP_FIRST_S, APP_REBUILD_S = 8.0, 2.0                  # the sample project in the app, warm worker
 
 
-def target_lines(figures: dict) -> list[str]:
+def print_targets(figures: dict) -> None:
     """One line per target this run measured: the target, the figure, met or missed."""
     def line(what: str, figure: str, met: bool) -> str:
         return f"  {what}: {figure}, {'met' if met else 'MISSED'}"
@@ -170,7 +170,7 @@ def target_lines(figures: dict) -> list[str]:
                        f"{warm['first_seconds']:.1f} s", warm["first_seconds"] <= APP_FIRST_S),
                   line(f"app, rebuild after fixing 3 photos <= {APP_REBUILD_S:.0f} s (warm worker)",
                        f"{warm['rebuild_seconds']:.1f} s", warm["rebuild_seconds"] <= APP_REBUILD_S)]
-    return lines
+    print("\ntargets:\n" + "\n".join(lines))
 
 
 # ---------------------------------------------------------------- measurements
@@ -359,7 +359,7 @@ def main() -> None:
                      f"{middle['rebuild_warm_up_seconds']:.1f} s after the first build" if warm else ""), flush=True)
             print(json.dumps({"warm" if warm else "cold": middle}), flush=True)
         if args.app_only:
-            print("\ntargets:\n" + "\n".join(target_lines(figures)))
+            print_targets(figures)
             return
     os.environ["NANOSTREAM_HOME"] = str(work / "home")  # the children's too
     sets = make_sets(root, work, args.per_class)
@@ -405,7 +405,7 @@ def main() -> None:
         figures["memory"] = {"images": n, "peak_gb": peak_gb}
         print(f"peak memory of a {n}-image build: {peak_gb:.2f} GB")
     print(json.dumps(figures))
-    print("\ntargets:\n" + "\n".join(target_lines(figures)))
+    print_targets(figures)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import draw, each_draw, features_only_args  # noqa: E402
+from bench_quality import draw, each_draw, features_only_args, paired  # noqa: E402
 
 from nanostream.engine.augment import POLICIES, get_policy  # noqa: E402
 from nanostream.engine.features import FeatureCache, extract_features  # noqa: E402
@@ -66,10 +66,7 @@ def main() -> None:
         means = ", ".join(f"{arm} {statistics.mean(r[i] for r in runs):.4f}" for i, arm in enumerate(ARMS))
         print(f"{name} ({len(args.seeds)} draws x 3 backbones, {args.per_class} a class), mean val accuracy: {means}")
         for i, arm in enumerate(ARMS[1:], start=1):
-            gains = [r[i] - r[0] for r in runs]
-            print(f"  {arm} against {ARMS[0]}: {statistics.mean(gains):+.4f} (standard error "
-                  f"{statistics.stdev(gains) / len(gains) ** 0.5:.4f}; better in {sum(g > 0 for g in gains)}, "
-                  f"worse in {sum(g < 0 for g in gains)} of {len(gains)})")
+            print(f"  {arm} against {ARMS[0]}: {paired([r[i] - r[0] for r in runs])}")
 
 
 if __name__ == "__main__":

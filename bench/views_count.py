@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import draw, each_draw, features, features_only_args  # noqa: E402
+from bench_quality import draw, each_draw, features, features_only_args, paired  # noqa: E402
 
 from nanostream.engine.augment import get_policy  # noqa: E402
 from nanostream.engine.features import FeatureCache, extract_features  # noqa: E402
@@ -55,12 +55,8 @@ def main() -> None:
     for name, runs in each_draw(args, accuracies):
         means = ", ".join(f"{k} views {statistics.mean(r[k] for r in runs):.4f}" for k in range(MAX_VIEWS + 1))
         print(f"{name} ({len(args.seeds)} draws x 3 backbones, {args.per_class} a class), mean val accuracy: {means}")
-        # Paired by draw and backbone: the spread between draws is larger than the views' effect.
         for k in (k for k in range(MAX_VIEWS + 1) if k != build):
-            gains = [r[k] - r[build] for r in runs]
-            print(f"  {k} views against a build's {build}: {statistics.mean(gains):+.4f} "
-                  f"(standard error {statistics.stdev(gains) / len(gains) ** 0.5:.4f}; "
-                  f"better in {sum(g > 0 for g in gains)}, worse in {sum(g < 0 for g in gains)} of {len(gains)})")
+            print(f"  {k} views against a build's {build}: {paired([r[k] - r[build] for r in runs])}")
 
 
 if __name__ == "__main__":
