@@ -30,8 +30,8 @@ STEPS = [
 
 @st.cache_resource
 def _app_ready(root: str) -> bool:
-    """Once per app process and store: the sample project on first launch, and a warm worker
-    waiting for the first build (it saves that build ~3 s of imports and loading)."""
+    """Once per app process and store: the sample project on first launch, and the warm worker
+    that forks each job's worker already imported (it saves each job 3-10 s of imports and loading)."""
     process.skip_collection_at_exit()  # a page that loaded a model imported torch: a stop takes ~1.4 s less
     store = ui.open_store()
     ensure_sample_project(store)

@@ -303,7 +303,7 @@ def app_builds(work: Path, warm: bool) -> dict:
                     started = time.perf_counter()
                     jobs.warm_up(store)
                     process = standby.current()
-                    while not standby.ready_path(jobs.jobs_dir(), process.pid).is_file():
+                    while not standby.warm_path(jobs.jobs_dir(), process.pid).is_file():
                         time.sleep(0.05)
                     figures[f"{label}_warm_up_seconds"] = time.perf_counter() - started
                 started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Background jobs whose state lives in the store: model builds, web image searches, pasted URL
 lists and the suspicious-image ranking, each run by a worker process of its own (worker.py: a
-fresh one, or the warm one standby.py keeps waiting).
+fresh one, or one the warm standby forks: standby.py).
 
 A page starts a job (start_build, start_search, start_url_list, start_rank) and polls store.get_job; the worker
 writes status, stage, progress, message, result and error there, refreshes the heartbeat while
@@ -43,7 +43,7 @@ class JobError(ValueError):
 
 # Workers this process started: polled in reap() so that a finished one does not linger as a
 # zombie, which would look alive to a pid check.
-_children: dict[str, subprocess.Popen] = {}
+_children: dict[str, subprocess.Popen | standby.Handed] = {}
 
 
 def jobs_dir() -> Path:
@@ -107,14 +107,14 @@ def _worker_env() -> dict[str, str]:
 
 def warm_up(store: Store) -> None:
     """Have a warm worker waiting for this store's next job (standby.py): the app calls it at start."""
-    standby.warm_up(store.root, _worker_env(), jobs_dir())
+    standby.warm_up(_worker_env(), jobs_dir())
 
 
 def _launch(store: Store, job_id: str) -> None:
     """Hand the job to the warm worker, else start a worker: its own session (a Ctrl-C or a page
     rerun does not reach it), output to its log."""
     env = _worker_env()
-    process = standby.hand_over(store.root, env, job_id)
+    process = standby.hand_over(store.root, env, job_id, pid_path(job_id))
     if process is None:
         with open(log_path(job_id), "ab") as log:
             try:
@@ -125,7 +125,7 @@ def _launch(store: Store, job_id: str) -> None:
             except OSError as exc:
                 store.update_job(job_id, status="failed", error=f"could not start the worker: {exc.strerror or exc}")
                 raise JobError(f"could not start the worker: {exc.strerror or exc}") from None
-    pid_path(job_id).write_text(str(process.pid))
+        pid_path(job_id).write_text(str(process.pid))
     _children[job_id] = process
 
 
@@ -246,23 +246,13 @@ def latest_ranking(store: Store, project: str) -> dict:
 
 # ---------------------------------------------------------------- noticing dead workers
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process took the number: not ours, but alive
-        return True
-    return True
-
-
 def _pid_gone(path: Path) -> bool:
     """True when the pid file names a process that has exited (False when there is no such file)."""
     try:
         pid = int(path.read_text())
     except (OSError, ValueError):
         return False
-    return not _alive(pid)
+    return not standby.alive(pid)
 
 
 def _worker_gone(job: Job) -> bool:
@@ -288,8 +278,8 @@ def reap(store: Store, stale_after: float = STALE_AFTER_S) -> list[Job]:
     for job_id in ended:
         del _children[job_id]
     if ended and not _children:
-        # The next job gets a warm worker, started once no job runs: its imports and warm-up
-        # passes beside a running build took that build from 2.5 to 10 s on 2 cores.
+        # A standby that died (or was never started) is started again once no job runs: its
+        # imports beside a running build took that build from 2.5 to 10 s on 2 cores.
         warm_up(store)
     marked = list(store.reap_stale_jobs(stale_after))
     pid_files = list(jobs_dir().glob("*.pid"))  # before the jobs are listed: each is of a job listed below

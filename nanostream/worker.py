@@ -1,8 +1,8 @@
 """A job's worker: what each kind of job does (run_job), and the entry point of its process.
-`python -m nanostream.worker JOB_ID --root STORE` runs one job and exits; `--standby FOLDER` first
-warms up, then waits on stdin for the job id the app hands it (standby.py), and runs that one job
-the same way. A job started for the ray runner is driven from here as a Ray task (runners/cluster.py):
-this process keeps the store, the heartbeat and the cancel checks.
+`python -m nanostream.worker JOB_ID --root STORE` runs one job and exits; `--standby FOLDER` imports
+everything first, then forks a warm worker for each job id the app hands it on stdin (standby.py),
+which runs its one job the same way. A job started for the ray runner is driven from here as a Ray
+task (runners/cluster.py): this process keeps the store, the heartbeat and the cancel checks.
 
 Process-wide settings are made here, in the process that needs them, never on import: the
 Streamlit server, the API and the tests import the engine without them.
@@ -202,11 +202,23 @@ WORK = {"build": _build, "search": _search, "urls": _urls, "rank": _rank}  # job
 
 # ---------------------------------------------------------------- the process
 
+def _import_everything() -> None:
+    """What a build or a ranking imports before its first line of work, in the standby, which runs
+    no torch operation: it forks the workers, and OpenMP's threads do not survive a fork."""
+    import cleanlab.filter  # noqa: F401 - the ranking's label issues; it imports scikit-learn
+    import timm  # noqa: F401 - and the torchvision it imports: 4 s of a 10 s start on a 2-core EPYC
+    from scipy.optimize import curve_fit  # noqa: F401 - the learning-curve advice's fit
+
+    from . import charts  # noqa: F401 - its chart (matplotlib)
+    from .engine import head, inference, train  # noqa: F401
+    from .flows import build, review  # noqa: F401
+
+
 def _warm() -> None:
-    """Everything a build or a ranking needs before its first line of work: imports, backbones, kernels."""
+    """In the standby's spare worker, before its job comes: the candidates' backbones loaded (and
+    prepared, on a machine's first start) and oneDNN's kernels made, and the head fit run once."""
     import torch
 
-    from .engine import train  # noqa: F401 - imported for its import cost (torch.optim, the engine)
     from .engine.backbones import BackboneUnavailable, available_backbones, get_spec
     from .engine.device import default_device, precision
     from .engine.head import cross_val_accuracy
@@ -222,41 +234,25 @@ def _warm() -> None:
         size = get_spec(name).input_size
         with torch.inference_mode():  # oneDNN creates its kernels for a shape on the first pass
             network(torch.zeros(8, 3, size, size, device=device))
-    # The head fit's first run (its optimizer, its kernels): here, not in the build.
     x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
-    cross_val_accuracy(x, y, 2)
-    # The learning-curve advice's imports, ~1.4 s of a warm rebuild's 4.4 s under the AVX2 cap
-    # (scipy.optimize 0.6 s for its fit, matplotlib 0.8 s for its chart).
-    from scipy.optimize import curve_fit  # noqa: F401
-    from . import charts  # noqa: F401
-    # The ranking's (flows.review.label_issues): opening a project, and every change to its photos,
-    # starts one; cleanlab imports scikit-learn, ~1.8 s after torch on this 2-core CPU.
-    import cleanlab.filter  # noqa: F401
-
-
-def _wait_for_job(folder: str) -> str:
-    """Warm up, say so, and block until the app hands over a job id ("" when the app went away)."""
-    _warm()
-    ready = standby.ready_path(Path(folder), os.getpid())
-    ready.write_text("ready\n")
-    try:
-        return sys.stdin.readline().strip()
-    finally:
-        ready.unlink(missing_ok=True)
+    cross_val_accuracy(x, y, 2)  # its optimizer's first run and its kernels: here, not in the build
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanostream.worker", description="run one background job")
     parser.add_argument("job_id", nargs="?", help="the job to run (with --standby: read from stdin)")
     parser.add_argument("--root", help="the store's folder (default: NANOSTREAM_HOME)")
-    parser.add_argument("--standby", metavar="FOLDER", help="warm up first, then wait for a job id on stdin")
+    parser.add_argument("--standby", metavar="FOLDER", help="import first, then fork a warm worker for each job id read from stdin")
     args = parser.parse_args(argv)
     keep_freed_memory()  # a worker runs networks on the CPU: see the function
     job_id = args.job_id
     if args.standby:
-        job_id = _wait_for_job(args.standby)
-        if not job_id:
+        _import_everything()
+        taken = standby.serve(Path(args.standby), warm=_warm)
+        if taken is None:
             return 0
+        job_id, args.root = taken.job_id, taken.root
+        jobs.pid_path(job_id).write_text(str(os.getpid()))  # the standby's until now: this process has the job
         with open(jobs.log_path(job_id), "ab") as log:  # from here on the job's log, as a fresh worker's
             sys.stdout.flush(), sys.stderr.flush()
             os.dup2(log.fileno(), 1)

@@ -33,7 +33,8 @@ def app_url(tmp_path):
     """A real `streamlit run app.py` with its own NANOSTREAM_HOME; stopped (with its workers) after."""
     port = free_port()
     server = start_app(tmp_path / "home", tmp_path / "streamlit.log", port,
-                       "--server.headless", "true", "--server.address", "127.0.0.1")
+                       "--server.headless", "true", "--server.address", "127.0.0.1",
+                       env={"NANOSTREAM_WARM_WORKER": "1"})  # as a user's app runs: its jobs forked warm
     url = f"http://127.0.0.1:{port}"
     yield url
     server.terminate()
