@@ -283,8 +283,9 @@ def app_builds(work: Path, warm: bool) -> dict:
     (worker start, imports, training, saving, learning-curve advice), in a new store. Then a
     rebuild after fixing a few photos (two moved to the other category, one deleted).
 
-    warm: the app's warm worker (standby.py), started as the app starts it and waited for, as a
-    user reading the page for a few seconds would; otherwise every job starts a fresh process."""
+    warm: the app's warm worker (standby.py), started as the app starts it and waited for until its
+    spare worker is warm, as a user reading the page for a few seconds would; otherwise every job
+    starts a fresh process."""
     from nanostream import jobs, standby
     from nanostream.flows.sample import SAMPLE_NAME, ensure_sample_project
     from nanostream.store.db import Store

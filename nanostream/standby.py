@@ -10,12 +10,13 @@ writes its pid in the job's pid file (the standby's pid until then: the job is a
 is), and runs the job exactly as a fresh worker does (worker.py), writing to the job's log, in a
 session of its own, and exits: one job per process, so a crash or a leak never outlives its job.
 Jobs that follow one another (the ranking a project's opening starts, then a build) all start
-warm, and none starts cold beside a standby still importing: on 2 cores that slowed both. The standby runs no torch operation itself: OpenMP's threads do not survive
-a fork.
+warm, and none starts cold beside a standby still importing: on 2 cores that slowed both. The
+standby runs no torch operation itself: OpenMP's threads do not survive a fork.
 
 The standby holds ~0.5 GB, shared with its workers until they write. It exits by itself when the
-app does (its stdin closes), and it is replaced when the environment it was started in no longer
-matches (another NANOSTREAM_HOME). This module manages that process and is its main loop (serve).
+app does (its stdin closes), and it is replaced when the environment it was started in changes
+in anything but NanoStream's own settings (JOB_ENV_PREFIX). This module manages that process and
+is its main loop (serve).
 """
 
 from __future__ import annotations
