@@ -197,29 +197,26 @@ def serve(folder: Path, warm: Callable[[], None]) -> Taken | None:
         if spare is not None and not alive(spare[0]):  # it died warming up: fork another when needed
             os.close(spare[1])
             spare = None
-        if spare is None and not running:
+        line, newline, rest = pending.partition(b"\n")
+        job = line.strip() if newline else b""
+        if spare is None and (job or not running):
             spare = _fork_spare(folder, warm)
             if isinstance(spare, Taken):
                 return spare  # in the spare, once its job came
-        if b"\n" not in pending:
+        if not newline:
             if not select.select([0], [], [], 0.5)[0]:
                 continue  # nothing yet: look at the workers again
             if not (chunk := os.read(0, 4096)):
                 return None  # the app has gone; the spare sees its pipe close and exits too
             pending += chunk
             continue
-        line, _, pending = pending.partition(b"\n")
-        if not line.strip():
-            continue
-        if spare is None:
-            spare = _fork_spare(folder, warm)
-            if isinstance(spare, Taken):
-                return spare
-        pid, pipe = spare
-        spare = None
-        os.write(pipe, line.strip() + b"\n")
-        os.close(pipe)
-        running.append(pid)
+        pending = rest
+        if job:
+            pid, pipe = spare
+            spare = None
+            os.write(pipe, job + b"\n")
+            os.close(pipe)
+            running.append(pid)
 
 
 def warm_path(folder: Path, pid: int) -> Path:
@@ -244,15 +241,15 @@ def _fork_spare(folder: Path, warm: Callable[[], None]) -> tuple[int, int] | Tak
         traceback.print_exc()
     marker = warm_path(folder, standby_pid)
     marker.write_text(f"{os.getpid()}\n")
-    job_id = b""
-    while not job_id.endswith(b"\n"):
+    line = b""
+    while not line.endswith(b"\n"):
         if not (chunk := os.read(job_pipe, 4096)):
             marker.unlink(missing_ok=True)
             os._exit(0)  # the standby has gone: there will be no job
-        job_id += chunk
+        line += chunk
     marker.unlink(missing_ok=True)
     os.close(job_pipe)
-    job = json.loads(job_id)
+    job = json.loads(line)
     for key in [k for k in os.environ if k.startswith(JOB_ENV_PREFIX)]:
         del os.environ[key]
     os.environ.update(job["env"])
