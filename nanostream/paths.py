@@ -17,6 +17,14 @@ def home() -> Path:
     return path
 
 
+def backbones_dir() -> Path:
+    """What is derived from the backbones' weights (their fingerprints, inference-ready copies):
+    NANOSTREAM_BACKBONES, else NANOSTREAM_HOME/backbones. Every file is keyed by the weights it came
+    from, so stores on one machine can share one folder (the tests' many homes do)."""
+    folder = os.environ.get("NANOSTREAM_BACKBONES")
+    return Path(folder).expanduser() if folder else home() / "backbones"
+
+
 def datasets_dir() -> Path:
     """The shared real-photo datasets: NANOSTREAM_DATASETS, else ../shared/datasets from the repo."""
     return Path(os.environ.get("NANOSTREAM_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))

@@ -204,9 +204,10 @@ WORK = {"build": _build, "search": _search, "urls": _urls, "rank": _rank}  # job
 
 def _import_everything() -> None:
     """What a build or a ranking imports before its first line of work, in the standby, which runs
-    no torch operation: it forks the workers, and OpenMP's threads do not survive a fork."""
+    no torch operation: it forks the workers, and OpenMP's threads do not survive a fork. Not timm:
+    prepared backbones are read without it (engine/inference.py), and the spare's warm-up, which
+    prepares them on a machine's first start, imports it then."""
     import cleanlab.filter  # noqa: F401 - the ranking's label issues; it imports scikit-learn
-    import timm  # noqa: F401 - and the torchvision it imports: 4 s of a 10 s start on a 2-core EPYC
     from scipy.optimize import curve_fit  # noqa: F401 - the learning-curve advice's fit
 
     from . import charts  # noqa: F401 - its chart (matplotlib)

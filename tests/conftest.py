@@ -14,6 +14,9 @@ import pytest
 # One NANOSTREAM_HOME for the whole run, set before any nanostream import reads it: the
 # feature cache then serves every test after the first that needs a given image.
 os.environ["NANOSTREAM_HOME"] = tempfile.mkdtemp(prefix="nanostream-test-home-")
+# And one folder of prepared backbones for every home a test makes, as a user's one home has: a
+# process that finds them imports neither timm nor torchvision (engine/inference.py).
+os.environ["NANOSTREAM_BACKBONES"] = os.path.join(os.environ["NANOSTREAM_HOME"], "backbones")
 # Two CPU cores. Under pytest-xdist (scripts/test.sh runs two workers) each worker, and what it
 # starts, gets one thread: two workers of two threads each on two cores made the run 8% slower
 # than one each (393 s against 364 s), from threads waiting on each other.

@@ -1,5 +1,9 @@
 import dataclasses
 import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +14,8 @@ from nanostream.engine import backbones, device, inference
 from nanostream.engine.backbones import Backbone, get_spec, load_backbone, prepare_image, weights_fingerprint
 from nanostream.engine.device import CpuInfo, cpu_info, precision
 from nanostream.engine.images import load_image
-from nanostream.engine.inference import (ConvClamp, fold_batchnorm, for_inference, fuse_clamps, inference_backbone,
-                                  prepared_path, same_padding_plan, unpad_same_convs)
+from nanostream.engine.inference import (ConvClamp, describe, fold_batchnorm, for_inference, from_description, fuse_clamps,
+                                         inference_backbone, prepared_path, same_padding_plan, unpad_same_convs)
 
 
 CPU = torch.device("cpu")
@@ -152,6 +156,7 @@ def test_conv_clamp_equals_the_convolution_then_relu6(dtype):
 def fresh_home(tmp_path, monkeypatch):
     """An empty NANOSTREAM_HOME and nothing loaded, as a new process on a new machine."""
     monkeypatch.setenv("NANOSTREAM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("NANOSTREAM_BACKBONES")  # the default: NANOSTREAM_HOME/backbones
     for cached in (inference_backbone, weights_fingerprint):
         cached.cache_clear()
     yield tmp_path / "home"
@@ -177,6 +182,58 @@ def test_prepared_copy_is_kept_on_disk_and_read_back_without_the_original(fresh_
     assert sum(isinstance(m, ConvClamp) for m in again.modules()) == sum(isinstance(m, ConvClamp) for m in first.modules())
     assert all(not p.requires_grad for p in again.parameters())
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(again(x), first(x))
+
+
+def test_a_prepared_copy_is_read_in_a_new_process_without_timm(fresh_home, tmp_path):
+    name = "efficientnet_lite1"
+    x = torch.rand(2, 3, 240, 240, generator=torch.Generator().manual_seed(3))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.inference_mode():
+        expected = inference_backbone(name, "cpu", CHOSEN)(x)  # prepared here, from timm's network
+    code = ("import sys, torch; from nanostream.engine.inference import inference_backbone; "
+            f"x = torch.load(sys.argv[1]); network = inference_backbone({name!r}, 'cpu', {CHOSEN!r}); "
+            "torch.save(network(x).detach(), sys.argv[2]); "
+            "print(sorted({'timm', 'torchvision', 'torch._dynamo'} & set(sys.modules)), type(network.body).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    assert out.split() == ["[]", "GraphModule"]
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_a_structure_is_described_only_when_every_step_can_be():
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, groups=1)
+    network = nn.Sequential(ConvClamp(conv, 0.0, 6.0), nn.Identity(), nn.Conv2d(4, 4, 1, bias=False),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    description = json.loads(json.dumps(describe(network)))  # plain data, as kept in the file
+    assert [layer for _, layer, _ in description["steps"]] == ["0", "2", "3", "4"]  # the identity left out
+    rebuilt = from_description(description)
+    rebuilt.load_state_dict(network.state_dict(), strict=True, assign=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(x), network(x))
+    assert describe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2))) is None  # a kind it does not cover
+    assert describe(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"))) is None
+
+
+def test_a_prepared_copy_without_a_structure_is_read_through_the_registry_network(fresh_home):
+    """As a torchvision backbone's copy is: its structure is the registry's network, rewritten again."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    name = "efficientnet_lite0"
+    first = inference_backbone(name, "cpu", "fp32")
+    kept = prepared_path(name, "fp32")
+    with safe_open(kept, framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    assert "structure" in metadata
+    del metadata["structure"]
+    save_file(tensors, kept, metadata=metadata)
+    inference_backbone.cache_clear()
+    again = inference_backbone(name, "cpu", "fp32")
+    assert type(again.body).__name__ == "EfficientNet" and again.rewrites == first.rewrites
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         assert torch.equal(again(x), first(x))
 

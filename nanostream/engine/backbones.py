@@ -35,12 +35,16 @@ TORCHVISION_WEIGHTS_BASE = "https://download.pytorch.org/models/"
 class Backbone(nn.Module):
     """A pretrained network split into a feature body and its ImageNet head."""
 
-    def __init__(self, spec: BackboneSpec, network: nn.Module):
+    def __init__(self, spec: BackboneSpec, network: nn.Module, imagenet_head: nn.Module | None = None):
+        """`imagenet_head` is given when `network` ends in pooled features already (a prepared copy
+        read back from its description, inference.py); otherwise it is taken out of `network`."""
         super().__init__()
         self.spec = spec
-        parent, attr = _parent_and_attr(network, spec.head)
-        self.imagenet_head = getattr(parent, attr)
-        setattr(parent, attr, nn.Identity())  # the network now ends in pooled features
+        if imagenet_head is None:
+            parent, attr = _parent_and_attr(network, spec.head)
+            imagenet_head = getattr(parent, attr)
+            setattr(parent, attr, nn.Identity())  # the network now ends in pooled features
+        self.imagenet_head = imagenet_head
         self.body = network
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
@@ -239,7 +243,7 @@ def weights_fingerprint(name: str) -> str:
     Hashing means loading the network (~0.2 s), so the result is kept on disk under the
     weights_key of the file it was computed from; another file, or other versions, recompute it.
     """
-    record = paths.home() / "backbones" / f"{name}-{weights_key(name)}.fingerprint"
+    record = paths.backbones_dir() / f"{name}-{weights_key(name)}.fingerprint"
     try:
         return record.read_text()
     except OSError:

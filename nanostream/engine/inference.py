@@ -1,5 +1,6 @@
 """Frozen backbones made fast for inference: BatchNorm folded, TF-"SAME" convolutions made plain,
-conv + clamp fused, bf16 weights; prepared once per machine and kept on disk.
+conv + clamp fused, bf16 weights; prepared once per machine and kept on disk, with their
+structure described, so a new process reads them back without importing timm.
 
 Feature extraction, predict and the server run these copies; training a backbone (fine-tune)
 and export use the registry's own modules. Each rewrite is checked against the original on a
@@ -18,13 +19,14 @@ import copy
 import functools
 import json
 import math
+import operator
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import fx, nn
 
 from .. import paths
 from .backbones import Backbone, build_architecture, get_spec, load_backbone, weights_key
@@ -200,12 +202,13 @@ def _frozen(fast: Backbone, mode: str) -> Backbone:
 
 # ---------------------------------------------------------------- kept on disk
 
-# Bumped whenever for_inference rewrites differently, so older prepared copies are not read.
-PREPARED_VERSION = 2
+# Bumped whenever for_inference rewrites differently, so older prepared copies are not read;
+# v3 describes the network's structure in the file.
+PREPARED_VERSION = 3
 
 
 def prepared_path(name: str, mode: str) -> Path:
-    return paths.home() / "backbones" / f"{name}-{mode}-{weights_key(name)}-v{PREPARED_VERSION}.safetensors"
+    return paths.backbones_dir() / f"{name}-{mode}-{weights_key(name)}-v{PREPARED_VERSION}.safetensors"
 
 
 @functools.lru_cache(maxsize=4)
@@ -213,9 +216,11 @@ def inference_backbone(name: str, device: str, mode: str) -> Backbone:
     """The for_inference copy of a registry backbone: what feature extraction and predict run.
 
     The first call on a machine rewrites the network and checks the rewrite (~0.1-0.2 s on top of
-    loading it), then keeps the result as a safetensors file keyed by the weights it came from;
-    later processes rebuild the rewritten structure on the meta device and read that file
-    (~0.06 s), which is most of what a rebuild in a new process pays for its three candidates.
+    loading it), then keeps the result as a safetensors file keyed by the weights it came from,
+    with the rewritten structure described (describe()); later processes build that structure on
+    the meta device and read the file (~0.06 s), without timm: importing it (and the torchvision
+    and torch compiler it imports) was ~2 s of a new process on an AVX-512 EPYC, ~6 s on a slower
+    AVX2-only one, for a network that runs none of their code once rewritten.
     """
     path = prepared_path(name, mode)
     fast = _read_prepared(name, mode, path)
@@ -244,6 +249,8 @@ def imagenet_head(name: str, device: str, mode: str) -> nn.Module:
 def _write_prepared(fast: Backbone, mode: str, path: Path) -> None:
     tensors = {key: value.contiguous() for key, value in fast.state_dict().items()}
     metadata = {"rewrites": ",".join(fast.rewrites), "same_padding": json.dumps(fast.same_padding)}
+    if (description := checked_description(fast)) is not None:
+        metadata["structure"] = json.dumps(description)
     paths.write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
     for stale in path.parent.glob(f"{fast.spec.name}-{mode}-*.safetensors"):  # older weights or versions
         if stale != path:
@@ -257,16 +264,123 @@ def _read_prepared(name: str, mode: str, path: Path) -> Backbone | None:
             metadata = kept.metadata()
             tensors = {key: kept.get_tensor(key) for key in kept.keys()}
         spec = get_spec(name)
+        rewrites = tuple(filter(None, metadata["rewrites"].split(",")))
+        same_padding = {k: tuple(v) for k, v in json.loads(metadata["same_padding"]).items()}
         # Built on the meta device: shapes only, no random initialisation (a third of the time)
-        fast = Backbone(spec, build_architecture(spec, device="meta"))
-        fast.rewrites = tuple(filter(None, metadata["rewrites"].split(",")))
-        fast.same_padding = {k: tuple(v) for k, v in json.loads(metadata["same_padding"]).items()}
-        steps = _rewrites(fast.same_padding)
-        for rewrite in fast.rewrites:  # the same structure; the file fills in the values
-            steps[rewrite](fast.body)
+        if "structure" in metadata:
+            weight = tensors["imagenet_head.weight"]
+            fast = Backbone(spec, from_description(json.loads(metadata["structure"])),
+                            nn.Linear(weight.shape[1], weight.shape[0], device="meta"))
+        else:  # a structure describe() does not cover: the registry's network, rewritten again
+            fast = Backbone(spec, build_architecture(spec, device="meta"))
+            steps = _rewrites(same_padding)
+            for rewrite in rewrites:
+                steps[rewrite](fast.body)
+        fast.rewrites, fast.same_padding = rewrites, same_padding
         fast.load_state_dict(tensors, strict=True, assign=True)
     except Exception:  # noqa: BLE001 - missing, truncated or foreign: prepare it afresh
         return None
     if any(t.is_meta for t in [*fast.parameters(), *fast.buffers()]):
         return None  # something the file does not fill (a non-persistent buffer): prepare afresh
     return _frozen(fast, mode)
+
+
+# ---------------------------------------------------------------- the structure, described
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the fused convolutions kept whole (their CPU path is not traceable)."""
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, ConvClamp) or super().is_leaf_module(module, name)
+
+
+def _describe_layer(module: nn.Module) -> dict | None:
+    """A layer as JSON-able values, for the kinds a rewritten EfficientNet-Lite is made of; None otherwise."""
+    if isinstance(module, ConvClamp):
+        conv = _describe_layer(module.conv)
+        return conv and {**conv, "clamp": [module.lo, module.hi]}
+    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return {"conv": [module.in_channels, module.out_channels, *module.kernel_size, *module.stride,
+                         *module.padding, *module.dilation, module.groups, module.bias is not None]}
+    if type(module) is nn.AdaptiveAvgPool2d:
+        return {"pool": module.output_size}
+    if type(module) is nn.Flatten:
+        return {"flatten": [module.start_dim, module.end_dim]}
+    return None
+
+
+def _make_layer(layer: dict, device: str) -> nn.Module:
+    if "conv" in layer:
+        n_in, n_out, kh, kw, sh, sw, ph, pw, dh, dw, groups, bias = layer["conv"]
+        conv = nn.Conv2d(n_in, n_out, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias, device=device)
+        return ConvClamp(conv, *layer["clamp"]) if "clamp" in layer else conv
+    if "pool" in layer:
+        size = layer["pool"]
+        return nn.AdaptiveAvgPool2d(tuple(size) if isinstance(size, list) else size)
+    if "flatten" in layer:
+        return nn.Flatten(*layer["flatten"])
+    raise ValueError(f"unknown layer {sorted(layer)}")
+
+
+def describe(body: nn.Module) -> dict | None:
+    """The body's structure as plain data: its layers (by their names in the module tree, so the
+    state dict's keys stay the same) and the steps that run them, identity layers left out. None
+    where the body does anything else (a layer of another kind, an operation other than "+",
+    control flow torch.fx cannot trace)."""
+    try:
+        graph = _Tracer().trace(body)
+    except Exception:  # noqa: BLE001 - fx raises many kinds; the body is then read as before
+        return None
+    name_of: dict[str, str] = {}
+    layers, steps, source = {}, [], None
+    for node in graph.nodes:
+        if node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+            return None
+        inputs = [name_of.get(a.name, a.name) for a in node.args]
+        if node.op == "placeholder":
+            source = node.name
+        elif node.op == "call_module" and isinstance(body.get_submodule(node.target), nn.Identity):
+            name_of[node.name] = inputs[0]
+        elif node.op == "call_module" and len(inputs) == 1:
+            if (layer := _describe_layer(body.get_submodule(node.target))) is None:
+                return None
+            layers[node.target] = layer
+            steps.append([node.name, node.target, inputs])
+        elif node.op == "call_function" and node.target is operator.add and len(inputs) == 2:
+            steps.append([node.name, "+", inputs])
+        elif node.op == "output" and len(inputs) == 1:
+            return {"input": source, "layers": layers, "steps": steps, "output": inputs[0]}
+        else:
+            return None
+    return None
+
+
+def from_description(description: dict, device: str = "meta") -> fx.GraphModule:
+    """The module describe() described: its layers on `device` (on "meta", shapes only, for
+    load_state_dict(..., assign=True)), run in the described steps by torch.fx's generated forward."""
+    graph = fx.Graph()
+    values = {description["input"]: graph.placeholder("x")}
+    for name, op, inputs in description["steps"]:
+        args = tuple(values[i] for i in inputs)
+        values[name] = graph.call_function(operator.add, args) if op == "+" else graph.call_module(op, args)
+    graph.output(values[description["output"]])
+    layers = {target: _make_layer(layer, device) for target, layer in description["layers"].items()}
+    return fx.GraphModule(layers, graph)
+
+
+def checked_description(fast: Backbone) -> dict | None:
+    """describe(fast.body), when the module built from it, with fast's values, computes exactly
+    what fast.body does on a probe batch; None otherwise (the file is then read as before)."""
+    description = describe(fast.body)
+    if description is None:
+        return None
+    try:
+        rebuilt = from_description(description)
+        rebuilt.load_state_dict(fast.body.state_dict(), strict=True, assign=True)  # fast's own tensors
+    except (RuntimeError, ValueError, KeyError):
+        return None
+    size = fast.spec.input_size
+    probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(fast.body_dtype)
+    probe = probe.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return description if torch.equal(rebuilt(probe), fast.body(probe)) else None
