@@ -119,6 +119,9 @@ def test_a_build_on_ray_gives_the_local_build(ray_node, tmp_path, datasets, monk
     cached = {home: sorted(p.relative_to(tmp_path / home) for p in (tmp_path / home / "features").rglob("*.npy"))
               for home in ("home-local", "home-ray")}
     assert cached["home-ray"] == cached["home-local"] != []  # the task's features came back to the owner's cache
+    # The prepared backbones stay on the task's machine, in its own folder: the owner's path does
+    # not travel, and no copy of them comes back to the owner's home.
+    assert "NANOSTREAM_BACKBONES" not in cluster.task_env() and not (tmp_path / "home-ray" / "backbones").exists()
 
 
 def test_features_spread_over_the_cluster_match_local_ones(ray_node, tmp_path, datasets, monkeypatch):
