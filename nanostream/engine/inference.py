@@ -234,8 +234,8 @@ def inference_backbone(name: str, device: str, mode: str) -> Backbone:
 def imagenet_head(name: str, device: str, mode: str) -> nn.Module:
     """inference_backbone(...).imagenet_head without building the network when a prepared copy is
     on disk: a build whose features are all cached needs only this 1000-class layer (the "none of
-    these" check measures in its space), and building the network imports timm and torchvision,
-    ~1 s of a new process."""
+    these" check measures in its space), and reading the whole network is reading every weight
+    of it (a copy without a described structure also imports timm and torchvision)."""
     try:
         with safe_open(prepared_path(name, mode), framework="pt") as kept:
             weight, bias = kept.get_tensor("imagenet_head.weight"), kept.get_tensor("imagenet_head.bias")
