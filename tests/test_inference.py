@@ -238,6 +238,32 @@ def test_a_prepared_copy_without_a_structure_is_read_through_the_registry_networ
         assert torch.equal(again(x), first(x))
 
 
+def test_a_structure_naming_anything_but_layers_is_refused_and_prepared_afresh(fresh_home):
+    """torch.fx writes layer names into the forward's source: a tampered file must not get there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    name = "efficientnet_lite0"
+    first = inference_backbone(name, "cpu", "fp32")
+    kept = prepared_path(name, "fp32")
+    with safe_open(kept, framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    structure = json.loads(metadata["structure"])
+    hostile = 'conv_stem"); __import__("os").system("touch owned'
+    structure["layers"][hostile] = structure["layers"].pop("conv_stem")
+    structure["steps"][0][1] = hostile
+    with pytest.raises(ValueError, match="not a module path"):
+        from_description(structure)
+    save_file(tensors, kept, metadata={**metadata, "structure": json.dumps(structure)})
+    inference_backbone.cache_clear()
+    again = inference_backbone(name, "cpu", "fp32")
+    with safe_open(kept, framework="pt") as f:
+        assert "conv_stem" in json.loads(f.metadata()["structure"])["layers"]  # written afresh
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.equal(again(x), first(x))
+
+
 def test_a_damaged_prepared_copy_is_prepared_afresh(fresh_home):
     name = "efficientnet_lite0"
     first = inference_backbone(name, "cpu", "fp32")

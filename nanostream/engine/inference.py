@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import operator
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -355,17 +356,27 @@ def describe(body: nn.Module) -> dict | None:
     return None
 
 
+# A layer's name in the module tree. torch.fx writes these names into the Python source of the
+# forward it generates, so a file naming anything else (a shared folder's file, tampered) is refused.
+_LAYER_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
 def from_description(description: dict, device: str = "meta") -> fx.GraphModule:
     """The module describe() described: its layers on `device` (on "meta", shapes only, for
-    load_state_dict(..., assign=True)), run in the described steps by torch.fx's generated forward."""
+    load_state_dict(..., assign=True)), run in the described steps by torch.fx's generated forward.
+    ValueError or KeyError for a description that names other layers or values."""
+    layers = description["layers"]
+    if not all(_LAYER_NAME.fullmatch(name) for name in layers):
+        raise ValueError("a layer name that is not a module path")
     graph = fx.Graph()
     values = {description["input"]: graph.placeholder("x")}
     for name, op, inputs in description["steps"]:
         args = tuple(values[i] for i in inputs)
+        if op != "+" and op not in layers:
+            raise ValueError(f"a step runs an undescribed layer {op[:40]!r}")
         values[name] = graph.call_function(operator.add, args) if op == "+" else graph.call_module(op, args)
     graph.output(values[description["output"]])
-    layers = {target: _make_layer(layer, device) for target, layer in description["layers"].items()}
-    return fx.GraphModule(layers, graph)
+    return fx.GraphModule({target: _make_layer(layer, device) for target, layer in layers.items()}, graph)
 
 
 def checked_description(fast: Backbone) -> dict | None:
