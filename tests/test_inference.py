@@ -217,51 +217,52 @@ def test_a_structure_is_described_only_when_every_step_can_be():
     assert describe(nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"))) is None
 
 
-def test_a_prepared_copy_without_a_structure_is_read_through_the_registry_network(fresh_home):
-    """As a torchvision backbone's copy is: its structure is the registry's network, rewritten again."""
+def prepared_again_after(change) -> tuple[Backbone, Backbone, Path]:
+    """Lite0's prepared copy, its file's metadata changed by change(metadata), and the copy read
+    back from that file in a process with nothing loaded: (first, again, the file)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    name = "efficientnet_lite0"
-    first = inference_backbone(name, "cpu", "fp32")
-    kept = prepared_path(name, "fp32")
+    first = inference_backbone("efficientnet_lite0", "cpu", "fp32")
+    kept = prepared_path("efficientnet_lite0", "fp32")
     with safe_open(kept, framework="pt") as f:
         metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
-    assert "structure" in metadata
-    del metadata["structure"]
-    save_file(tensors, kept, metadata=metadata)
+    save_file(tensors, kept, metadata=change(metadata))
     inference_backbone.cache_clear()
-    again = inference_backbone(name, "cpu", "fp32")
-    assert type(again.body).__name__ == "EfficientNet" and again.rewrites == first.rewrites
+    again = inference_backbone("efficientnet_lite0", "cpu", "fp32")
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         assert torch.equal(again(x), first(x))
+    return first, again, kept
+
+
+def test_a_prepared_copy_without_a_structure_is_read_through_the_registry_network(fresh_home):
+    """As a torchvision backbone's copy is: its structure is the registry's network, rewritten again."""
+    def without_structure(metadata):
+        assert "structure" in metadata
+        return {key: value for key, value in metadata.items() if key != "structure"}
+
+    first, again, _ = prepared_again_after(without_structure)
+    assert type(again.body).__name__ == "EfficientNet" and again.rewrites == first.rewrites
 
 
 def test_a_structure_naming_anything_but_layers_is_refused_and_prepared_afresh(fresh_home):
     """torch.fx writes layer names into the forward's source: a tampered file must not get there."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    name = "efficientnet_lite0"
-    first = inference_backbone(name, "cpu", "fp32")
-    kept = prepared_path(name, "fp32")
-    with safe_open(kept, framework="pt") as f:
-        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
-    structure = json.loads(metadata["structure"])
     hostile = 'conv_stem"); __import__("os").system("touch owned'
-    structure["layers"][hostile] = structure["layers"].pop("conv_stem")
-    structure["steps"][0][1] = hostile
-    with pytest.raises(ValueError, match="not a module path"):
-        from_description(structure)
-    save_file(tensors, kept, metadata={**metadata, "structure": json.dumps(structure)})
-    inference_backbone.cache_clear()
-    again = inference_backbone(name, "cpu", "fp32")
+
+    def tampered(metadata):
+        structure = json.loads(metadata["structure"])
+        structure["layers"][hostile] = structure["layers"].pop("conv_stem")
+        structure["steps"][0][1] = hostile
+        with pytest.raises(ValueError, match="not a module path"):
+            from_description(structure)
+        return {**metadata, "structure": json.dumps(structure)}
+
+    _, _, kept = prepared_again_after(tampered)
     with safe_open(kept, framework="pt") as f:
-        assert "conv_stem" in json.loads(f.metadata()["structure"])["layers"]  # written afresh
-    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        assert torch.equal(again(x), first(x))
+        assert "conv_stem" in json.loads(f.metadata()["structure"])["layers"]  # prepared and written afresh
 
 
 def test_a_damaged_prepared_copy_is_prepared_afresh(fresh_home):
