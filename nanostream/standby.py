@@ -1,9 +1,9 @@
 """A warm worker: one process that has imported torch and the engine, and forks a worker for each
 of the app's jobs.
 
-A new worker process spends 3-10 s importing torch, timm and the engine (10 s on a 2-core AVX2
-EPYC), and ~0.5 s more loading the backbones and creating oneDNN's kernels, where a rebuild's own
-work is ~1 s. So the app keeps one standby process: `warm_up` starts it (at app start); it imports
+A new worker process spends 2-6 s importing torch and the engine (more on a machine's first
+start, which imports timm to prepare the backbones: engine/inference.py), and ~0.5 s more loading
+the backbones and creating oneDNN's kernels, where a rebuild's own work is ~1 s. So the app keeps one standby process: `warm_up` starts it (at app start); it imports
 everything and then keeps a spare worker forked and warmed while no job runs. `hand_over` writes
 a job id to the standby's stdin, at once, even while it is still importing; the spare takes it,
 writes its pid in the job's pid file (the standby's pid until then: the job is alive while either
