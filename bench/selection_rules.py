@@ -8,7 +8,11 @@ its val/, flowers on the photos not drawn), every Lite backbone's features of th
     log-loss after a fitted temperature;
   - each pick is scored on val the way a build delivers it: the head on originals and views.
 It also prints each backbone's probe (originals only), with views, and the mean of the three
-heads' probabilities (an ensemble, for its cost in GFLOPs see bench_quality.py).
+heads' probabilities (an ensemble, for its cost in GFLOPs see bench_quality.py). The rule
+"ensembles too" scores every pair and the trio as a build scores one backbone (the mean of their
+heads' out-of-fold probabilities, on the same folds) and picks among them and the single
+backbones by the same rule as "best" (equal scores to the cheaper): what a build that may deliver
+an ensemble would give, and the mean GFLOPs per prediction of what each rule picks.
 
     python bench/selection_rules.py --seeds 0 1 2
 """
@@ -16,6 +20,7 @@ heads' probabilities (an ensemble, for its cost in GFLOPs see bench_quality.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import SETS, draw  # noqa: E402
+from bench_quality import SETS, draw, paired  # noqa: E402
 
 from nanostream.engine.augment import get_policy  # noqa: E402
 from nanostream.engine.backbones import available_backbones, get_spec  # noqa: E402
@@ -50,13 +55,14 @@ def one_draw(name: str, per_class: int, seed: int, cache: FeatureCache) -> dict:
     files = [f for label in labels for f in train[label]]
     val_files = [f for label in labels for f in val[label]]
     policy = get_policy("default")
-    scores, delivered, probes, probs = {}, {}, {}, []
+    scores, delivered, probes, probs, oof_probs = {}, {}, {}, [], {}
     for backbone in available_backbones()[:3]:
         made = extract_features(files, backbone, policy, policy.views, cache=cache)
         x, views = made.original, made.augmented
         v = extract_features(val_files, backbone, None, 0, cache=cache).original
         oof = out_of_fold_logits(x, y, len(labels), 0, repeats=REPEATS)
         temperature = fit_temperature(oof, y)
+        oof_probs[backbone] = torch.softmax(oof, 2)
         scores[backbone] = dict(cv=accuracy(oof.reshape(-1, len(labels)), y.repeat(REPEATS)),
                                 nll=float(F.cross_entropy(oof.reshape(-1, len(labels)) / temperature, y.repeat(REPEATS))))
         rows = torch.cat([x, views.reshape(-1, x.shape[1])])
@@ -67,11 +73,29 @@ def one_draw(name: str, per_class: int, seed: int, cache: FeatureCache) -> dict:
         delivered[backbone] = accuracy(p, y_val)
         probs.append(p)
     candidates = [Candidate(b, s["cv"], 0.0, get_spec(b).gflops) for b, s in scores.items()]
-    picks = {"best": choose_backbone(candidates, n_train=len(y)).backbone,
-             "one-se": choose_backbone(candidates, n_train=len(y), rule="one-se").backbone,
-             "log-loss": min(scores, key=lambda b: scores[b]["nll"])}
+    members = {b: (b,) for b in scores}
+    for size in (2, 3):
+        for combo in itertools.combinations(scores, size):
+            key = "+".join(combo)
+            members[key] = combo
+            mean_oof = torch.stack([oof_probs[b] for b in combo]).mean(0)
+            candidates.append(Candidate(key, accuracy(mean_oof.reshape(-1, len(labels)), y.repeat(REPEATS)), 0.0,
+                                        sum(get_spec(b).gflops for b in combo)))
+            delivered[key] = accuracy(torch.stack([probs[list(scores).index(b)] for b in combo]).mean(0), y_val)
+    singles = candidates[:len(scores)]
+    picks = {"best": choose_backbone(singles, n_train=len(y)).backbone,
+             "one-se": choose_backbone(singles, n_train=len(y), rule="one-se").backbone,
+             "log-loss": min(scores, key=lambda b: scores[b]["nll"]),
+             "ensembles too": choose_backbone(candidates, n_train=len(y)).backbone}
     return dict(set=name, seed=seed, picks=picks, val={rule: delivered[b] for rule, b in picks.items()},
-                probe=probes, views=delivered, ensemble=accuracy(torch.stack(probs).mean(0), y_val))
+                gflops={rule: sum(get_spec(b).gflops for b in members[pick]) for rule, pick in picks.items()},
+                probe=probes, views={b: delivered[b] for b in scores},
+                ensemble=accuracy(torch.stack(probs).mean(0), y_val))
+
+
+def short(pick: str) -> str:
+    """efficientnet_lite0+efficientnet_lite2 -> lite0+lite2"""
+    return "+".join(b.removeprefix("efficientnet_") for b in pick.split("+"))
 
 
 def main() -> None:
@@ -84,15 +108,18 @@ def main() -> None:
     cache = FeatureCache(args.cache)
     rows = [one_draw(name, args.per_class, seed, cache) for seed in args.seeds for name in SETS]
     for row in rows:
-        print(row["set"], row["seed"], {rule: f"{row['picks'][rule][-5:]} {acc:.3f}" for rule, acc in row["val"].items()})
+        print(row["set"], row["seed"], {rule: f"{short(row['picks'][rule])} {acc:.3f}" for rule, acc in row["val"].items()})
     for name in SETS:
         mine = [r for r in rows if r["set"] == name]
         mean = lambda get: statistics.mean(get(r) for r in mine)  # noqa: E731
         print(f"\n{name}, {len(mine)} draws of {args.per_class} a class, mean val accuracy:")
-        print("  rules: " + ", ".join(f"{rule} {mean(lambda r: r['val'][rule]):.3f}" for rule in mine[0]["val"]))
+        print("  rules: " + ", ".join(f"{rule} {mean(lambda r: r['val'][rule]):.3f} ({mean(lambda r: r['gflops'][rule]):.2f} GFLOPs)"
+                                      for rule in mine[0]["val"]))
         print("  probes (originals / with views): " + ", ".join(
-            f"{b[-5:]} {mean(lambda r: r['probe'][b]):.3f} / {mean(lambda r: r['views'][b]):.3f}" for b in mine[0]["probe"]))
+            f"{short(b)} {mean(lambda r: r['probe'][b]):.3f} / {mean(lambda r: r['views'][b]):.3f}" for b in mine[0]["probe"]))
         print(f"  ensemble of the three (views): {mean(lambda r: r['ensemble']):.3f}")
+        print("  ensembles too against best, paired by draw: "
+              + paired([r["val"]["ensembles too"] - r["val"]["best"] for r in mine]))
 
 
 if __name__ == "__main__":
