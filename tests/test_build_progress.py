@@ -34,6 +34,18 @@ def test_each_stage_counts_once_in_its_order_and_restarts_do_not_reset_the_bar()
     assert bar("learning curve", 1, 1) == MAX_SHOWN  # 100% only when the job says done
 
 
+def test_an_ensemble_chosen_costs_its_members_passes():
+    """The views of an ensemble of two cost their two GFLOPs: more of the bar than a single one's."""
+    def after_views(chosen: str) -> float:
+        bar = BuildProgress(plan_build(10, ["efficientnet_lite0", "efficientnet_lite2"], 2, "fast"))
+        for name in ("efficientnet_lite0", "efficientnet_lite2"):
+            bar(f"features {name}", 10, 10)
+        start = bar(f"augmenting {chosen}", 0, 20)
+        return bar(f"augmenting {chosen}", 20, 20) - start
+
+    assert after_views("efficientnet_lite0+efficientnet_lite2") > after_views("efficientnet_lite2")
+
+
 def test_a_fine_tune_build_repeats_no_stage_and_reaches_its_end():
     stages = plan_build(20, ["efficientnet_lite0"], 2, "auto")
     assert [s.prefix for s in stages] == ["features", "augmenting", "cross-validating", "validation",

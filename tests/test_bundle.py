@@ -224,3 +224,27 @@ def test_the_header_limit_leaves_room_for_a_1000_class_model():
     metrics = {"accuracy": 0.5, "n": 10_000, "per_class": per_class, "confusion": confusion}
     text = json.dumps({**SOUND, "labels": labels, "metrics": metrics, "finetune_metrics": metrics}, sort_keys=True)
     assert len(json.dumps({"__metadata__": {"nanostream": text}})) < MAX_HEADER_BYTES
+
+
+ENSEMBLE = {**SOUND, "backbone": "efficientnet_lite0+efficientnet_lite2"}
+
+
+def test_an_ensemble_bundle_has_a_head_layer_per_member_on_their_features_side_by_side(tmp_path):
+    header = read_header(craft(tmp_path / "m.safetensors", ENSEMBLE, head(classes=4, width=2 * WIDTH)))
+    assert header.tensors["head.linear.weight"].shape == (4, 2 * WIDTH)  # 2 labels x 2 members
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite2+efficientnet_lite0", "efficientnet_lite0+efficientnet_lite0",
+                                      "efficientnet_lite0+resnet9000", "efficientnet_lite0+",
+                                      "+".join(["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                                                "resnet50"])])
+def test_an_ensemble_of_other_members_or_order_is_refused(backbone, tmp_path):
+    with pytest.raises(BundleError) as caught:
+        read_header(craft(tmp_path / "m.safetensors", {**ENSEMBLE, "backbone": backbone}, head(4, 2 * WIDTH)))
+    assert "which this NanoStream does not have" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_ensemble_with_one_head_layer_is_refused(tmp_path):
+    with pytest.raises(BundleError) as caught:
+        read_header(craft(tmp_path / "m.safetensors", ENSEMBLE, head(classes=2, width=2 * WIDTH)))
+    assert "'head.linear.weight' is 2 x 2560 F32" in str(caught.value) and "need 4 x 2560 floats" in str(caught.value)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nanostream.engine.backbone_specs import BackboneUnavailable
 from nanostream.engine.choice import Candidate, choose_backbone
 from nanostream.engine.data import DataError, scan_folder
-from nanostream.engine.features import FeatureCache
+from nanostream.engine.features import FeatureCache, extract_features
 from nanostream.engine.head import WEIGHT_DECAY, cross_val_accuracy, fit_head, fit_logits, stratified_folds
 from nanostream.engine.train import TrainConfig, TrainResult, train
 
@@ -47,6 +47,26 @@ def test_auto_backbone_scores_every_candidate_and_picks_the_cheapest_of_the_best
     tied = [c for c in result.candidates if c.cv_accuracy >= best - 1e-9]
     assert result.backbone == min(tied, key=lambda c: c.gflops).backbone
     assert {c.photos for c in result.candidates} == {result.n_train}  # a first build: every photo
+
+
+def test_an_automatic_build_also_scores_each_pair_and_the_trio_as_their_mean_on_the_same_folds(
+        auto_build, tiny_hymenoptera):
+    from nanostream.engine.head import out_of_fold_logits
+    from nanostream.engine.train import REPEATS
+
+    singles = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    data = scan_folder(tiny_hymenoptera)
+    y = torch.tensor([data.classes.index(item.label) for item in data.train])
+    probs = {b: out_of_fold_logits(extract_features([i.path for i in data.train], b).original, y, 2,
+                                   repeats=REPEATS).softmax(2) for b in singles}
+    found = {c.backbone: c for c in auto_build.candidates}
+    for members in (singles[:2], singles[::2], singles[1:], singles):
+        candidate = found["+".join(members)]
+        mean = torch.stack([probs[b] for b in members]).mean(0)
+        assert candidate.cv_accuracy == pytest.approx(float((mean.argmax(2) == y).float().mean()))
+        assert candidate.gflops == pytest.approx(sum(found[b].gflops for b in members))
+        assert candidate.seconds == pytest.approx(sum(found[b].seconds for b in members))
+    assert len(found) == 7
 
 
 def test_without_val_every_photo_is_measured_out_of_fold_and_fixed_by_seed(datasets, tmp_path):
@@ -228,7 +248,7 @@ def test_work_done_ahead_for_the_preferred_backbone_gives_the_same_model(tiny_hy
     chosen = train(data, TrainConfig(views=2)).backbone
     ahead = train(data, TrainConfig(views=2, prefer=chosen), cache=FeatureCache(tmp_path / "a"))
     fixed = train(data, TrainConfig(views=2, backbone=chosen), cache=FeatureCache(tmp_path / "b"))
-    assert ahead.backbone == chosen and len(ahead.candidates) == 3
+    assert ahead.backbone == chosen and len(ahead.candidates) == 3 + 4  # and their pairs and trio
     assert ahead.metrics == fixed.metrics and ahead.n_train == fixed.n_train
     torch.testing.assert_close(ahead.head.linear.weight, fixed.head.linear.weight)
 

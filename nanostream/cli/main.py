@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", cmd_train, "train a classifier on DATA/<class>/* (or train/ + val/) or a project")
     p.add_argument("data")
     p.add_argument("--out", help="also write the model bundle here")
-    p.add_argument("--backbone", default="auto", help="auto (default) or a name from `nanostream backbones`")
+    p.add_argument("--backbone", default="auto", help="auto (default), a name from `nanostream backbones`, "
+                   "or 2-3 of them joined by '+', cheapest first (an ensemble)")
     p.add_argument("--augment", default="default", help="augmentation policy: default, none, aerial, ...")
     p.add_argument("--fill", help="fill mode for out-of-frame pixels: constant, edge, reflect, symmetric, wrap")
     p.add_argument("--views", type=int, help="offline augmented copies per image (default: the policy's)")

@@ -6,6 +6,7 @@ before anything is loaded, so a bad file is refused in a few MB of memory.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 
@@ -28,8 +29,24 @@ class BackboneSpec:
     head: str                    # attribute path of the final Linear (the ImageNet classifier)
     finetune: tuple[str, ...]    # modules unfrozen by the fine-tune path: the last stages
     weights: str                 # package name (bundled) or weights file name (torchvision)
+    members: tuple[str, ...] = ()  # an ensemble's backbones (ensemble_spec); () for one network
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The feature width of each member, side by side in its features (one for a single network)."""
+        return tuple(REGISTRY[m].feature_dim for m in self.members) or (self.feature_dim,)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of what prepare_image makes: the square crop, or an ensemble's crops side by side."""
+        if not self.members:
+            return self.input_size, self.input_size
+        return self.input_size, sum(REGISTRY[m].input_size for m in self.members)
 
     def preprocessing(self) -> dict:
+        if self.members:  # each member's own, on one canvas (backbones.prepare_image)
+            return {"input_size": self.input_size, "input_shape": list(self.input_shape),
+                    "members": [REGISTRY[m].preprocessing() for m in self.members]}
         return {k: v for k, v in asdict(self).items()
                 if k in ("input_size", "resize_size", "interpolation", "mean", "std")}
 
@@ -75,8 +92,40 @@ REVIEW_BACKBONES = tuple(sorted((name for name, spec in REGISTRY.items() if spec
                                 key=lambda name: REGISTRY[name].gflops))
 
 
+# An ensemble is named by its members joined with ENSEMBLE_SEP, cheapest first: at most MAX_MEMBERS.
+ENSEMBLE_SEP, MAX_MEMBERS = "+", 3
+
+
 def get_spec(name: str) -> BackboneSpec:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(REGISTRY)}") from None
+    """The registry's spec, or an ensemble's (ensemble_spec); ValueError naming the valid ones."""
+    found = REGISTRY.get(name)
+    if found is not None:
+        return found
+    if isinstance(name, str) and ENSEMBLE_SEP in name:
+        return ensemble_spec(tuple(name.split(ENSEMBLE_SEP)))
+    raise ValueError(f"unknown backbone '{str(name)[:80]}'; valid: {', '.join(REGISTRY)}, or up to "
+                     f"{MAX_MEMBERS} of them joined by '{ENSEMBLE_SEP}'") from None
+
+
+def ensemble_name(members: tuple[str, ...]) -> str:
+    """The canonical name of these backbones together: cheapest first (ties by name)."""
+    return ENSEMBLE_SEP.join(sorted(members, key=lambda m: (REGISTRY[m].gflops, m)))
+
+
+@functools.lru_cache(maxsize=32)
+def ensemble_spec(members: tuple[str, ...]) -> BackboneSpec:
+    """Several registry backbones as one: each sees its own resize and crop of the photo (side by
+    side on one canvas, prepare_image), their features are concatenated, and a head averages the
+    probabilities of one linear layer per member (head.Head). Its cost is the sum of theirs."""
+    if not 2 <= len(members) <= MAX_MEMBERS or any(m not in REGISTRY for m in members) \
+            or len(set(members)) < len(members) or ensemble_name(members) != ENSEMBLE_SEP.join(members):
+        shown = ENSEMBLE_SEP.join(members)[:120]
+        raise ValueError(f"unknown backbone '{shown}'; an ensemble is 2 to {MAX_MEMBERS} different backbones of "
+                         f"{', '.join(REGISTRY)}, cheapest first, joined by '{ENSEMBLE_SEP}'")
+    specs = [REGISTRY[m] for m in members]
+    largest = max(specs, key=lambda s: s.input_size)
+    return BackboneSpec(
+        ENSEMBLE_SEP.join(members), "ensemble", largest.input_size, max(s.resize_size for s in specs),
+        largest.interpolation, largest.mean, largest.std, feature_dim=sum(s.feature_dim for s in specs),
+        gflops=round(sum(s.gflops for s in specs), 2), params_m=round(sum(s.params_m for s in specs), 1),
+        head="", finetune=(), weights="", members=members)

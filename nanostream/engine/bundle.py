@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .backbone_specs import REGISTRY
+from .backbone_specs import REGISTRY, get_spec
 from ..paths import write_atomically
 
 if TYPE_CHECKING:
@@ -174,9 +174,11 @@ def _check_meta(meta) -> None:
                           f"('m-' and 10 hex digits)")
     _check_labels(_require(meta, "labels", (list,), "a list of labels"))
     backbone = _require(meta, "backbone", (str,), "a backbone name")
-    if backbone not in REGISTRY:
+    try:
+        get_spec(backbone)
+    except ValueError:
         raise BundleError(f"model needs backbone {_shown(backbone)}, which this NanoStream does not have "
-                          f"(it has: {', '.join(REGISTRY)})")
+                          f"(it has: {', '.join(REGISTRY)}, and ensembles of them)") from None
     created = _require(meta, "created_at", (str,), "a date")
     try:
         datetime.datetime.fromisoformat(created)
@@ -239,10 +241,11 @@ def _check_tensors(table: dict, data_bytes: int) -> dict[str, TensorInfo]:
 
 def _check_shapes(meta: dict, tensors: dict[str, TensorInfo]) -> None:
     """The head fits the backbone's features and the labels; backbone tensors only for its fine-tuned stages."""
-    spec = REGISTRY[meta["backbone"]]
+    spec = get_spec(meta["backbone"])
     width, classes = spec.feature_dim, len(meta["labels"])
-    expected = {"head.mean": (width,), "head.scale": (width,), "head.linear.weight": (classes, width),
-                "head.linear.bias": (classes,)}
+    rows = classes * max(1, len(spec.members))  # an ensemble's head has a layer per member (head.Head)
+    expected = {"head.mean": (width,), "head.scale": (width,), "head.linear.weight": (rows, width),
+                "head.linear.bias": (rows,)}
     for name, shape in expected.items():
         info = tensors.get(name)
         if info is None:

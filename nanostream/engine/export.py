@@ -43,13 +43,17 @@ def labels_path_for(out: str | Path) -> Path:
 def describe(classifier, fmt: str) -> dict:
     """The labels file: what the network expects and returns, and how to prepare an image."""
     spec = classifier.spec
-    size = spec.input_size
+    height, width = spec.input_shape
+    crop = "center crop to input_size x input_size"
+    if spec.members:
+        crop += (" of each member, with its own resize_size and input_size (preprocessing.members), side by side "
+                 "from the left, top-aligned, zeros below the smaller ones: an image of input_shape")
     return {
         "format": fmt,
         "model_id": classifier.model_id,
         "labels": classifier.labels,
-        "input_size": size,
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32",
+        "input_size": spec.input_size,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, height, width], "dtype": "float32",
                   "layout": "NCHW", "color": "RGB", "range": [0.0, 1.0]},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classifier.labels)], "dtype": "float32",
                    "meaning": "calibrated softmax probabilities (softmax(logits / temperature)), "
@@ -62,7 +66,7 @@ def describe(classifier, fmt: str) -> dict:
             "jpeg_draft": "JPEGs decode in PIL draft mode: a reduced DCT scale no smaller than "
                           "resize_size on either side",
             "resize": "shorter side to resize_size, aspect ratio kept (antialiased, as torchvision Resize)",
-            "crop": "center crop to input_size x input_size",
+            "crop": crop,
             "scale": "pixel / 255 -> [0, 1]",
             "normalization": "inside the network: feed [0, 1] values; mean and std are for reference only",
         },
@@ -105,8 +109,7 @@ def export_model(ref: str | Path, fmt: str, out: str | Path) -> ExportResult:
     classifier = load_classifier(ref, device=torch.device("cpu"))
     # fp32, contiguous, on a copy: the loaded backbone is shared by every classifier in the process
     module = copy.deepcopy(classifier.module()).float().eval().to(memory_format=torch.contiguous_format)
-    size = classifier.spec.input_size
-    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(2, 3, *classifier.spec.input_shape, generator=torch.Generator().manual_seed(0))
     try:
         write_atomically(out, lambda temp: (_save_onnx if fmt == "onnx" else _save_torchscript)(module, example, temp))
         write_atomically(labels_path, lambda temp: Path(temp).write_text(json.dumps(describe(classifier, fmt), indent=1)))

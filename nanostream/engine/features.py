@@ -89,6 +89,24 @@ class Features:
     computed: int = 0                       # forward passes actually run (the rest came from cache)
 
 
+def _side_by_side(parts: list[Features]) -> Features:
+    """An ensemble's features from its members': each member's rows (its own crops, and its views
+    of the same augmentations: a view's seed draws the same geometry at any size) side by side,
+    for the sources every member could read."""
+    kept = sorted(set.intersection(*(set(p.kept) for p in parts)))
+
+    def rows(part: Features, table: torch.Tensor) -> torch.Tensor:
+        position = {i: row for row, i in enumerate(part.kept)}
+        return table[[position[i] for i in kept]]
+
+    hash_of = dict(zip(parts[0].kept, parts[0].hashes))
+    hashes = [hash_of[i] for i in kept]
+    failed = list(dict.fromkeys(f for p in parts for f in p.failed))
+    return Features(original=torch.cat([rows(p, p.original) for p in parts], 1),
+                    augmented=torch.cat([rows(p, p.augmented) for p in parts], 2),
+                    kept=kept, hashes=hashes, failed=failed, computed=sum(p.computed for p in parts))
+
+
 # (path, device, inode, size, mtime, ctime) -> content hash, for this process's lifetime
 _DIGESTS: dict[tuple, str] = {}
 _MAX_DIGESTS = 200_000
@@ -191,6 +209,13 @@ def extract_features(sources: Sequence[Path | bytes], backbone: str, policy: Aug
     device = device or default_device()
     mode = precision(device)
     spec = get_spec(backbone)
+    if spec.members:  # one after another, reported as one pass over the sources
+        k = len(spec.members)
+        return _side_by_side([
+            extract_features(sources, member, policy, views, device, cache,
+                             on_progress and (lambda d, t, i=i: on_progress(i * t + d, k * t)),
+                             should_stop, names, only_cached)
+            for i, member in enumerate(spec.members)])
     # Names the cache folder; here, not on both workers at once, and BackboneUnavailable is raised
     # here when the weights cannot be had. The network itself loads only if features are missing.
     weights_fingerprint(backbone)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,21 +24,56 @@ HISTORY = 10
 
 
 class Head(nn.Module):
-    """Standardise features, then one linear layer: (feature_dim + 1) x classes parameters."""
+    """Standardise features, then one linear layer: (feature_dim + 1) x classes parameters.
 
-    def __init__(self, feature_dim: int, n_classes: int):
+    An ensemble's head (members > 1) has one such layer per member backbone, each on that member's
+    share of the features (the rest of its weights are 0: ensemble()), and says the log of the mean
+    of their probabilities: logits whose softmax is that mean, so the temperature, the exports and
+    every predict path treat it as any head's."""
+
+    def __init__(self, feature_dim: int, n_classes: int, members: int = 1):
         super().__init__()
+        self.members = members
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("scale", torch.ones(feature_dim))
-        self.linear = nn.Linear(feature_dim, n_classes)
+        self.linear = nn.Linear(feature_dim, n_classes * members)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear((features.float() - self.mean) / self.scale)
+        logits = self.linear((features.float() - self.mean) / self.scale)
+        return logits if self.members == 1 else mean_probability(logits.unflatten(1, (self.members, -1)), 1, self.members)
+
+    @classmethod
+    def ensemble(cls, heads: Sequence[Head]) -> Head:
+        """One head for features side by side that averages these heads' probabilities."""
+        if len(heads) == 1:
+            return heads[0]
+        head = cls(sum(len(h.mean) for h in heads), heads[0].linear.out_features, len(heads))
+        with torch.no_grad():
+            head.mean.copy_(torch.cat([h.mean for h in heads]))
+            head.scale.copy_(torch.cat([h.scale for h in heads]))
+            head.linear.weight.copy_(torch.block_diag(*[h.linear.weight for h in heads]))
+            head.linear.bias.copy_(torch.cat([h.linear.bias for h in heads]))
+        return head.eval()
 
 
-def fit_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float = WEIGHT_DECAY) -> Head:
+def mean_probability(logits: torch.Tensor, dim: int, count: int | None = None) -> torch.Tensor:
+    """Logits whose softmax is the mean over `dim` of the softmax of each of `logits`. `count`, that
+    dimension's size, keeps a traced or exported graph free of a size read from its input."""
+    return torch.logsumexp(torch.log_softmax(logits, -1), dim) - math.log(count or logits.shape[dim])
+
+
+def _split(x: torch.Tensor, widths: Sequence[int] | None) -> list[torch.Tensor]:
+    """Each member's share of features side by side (the last dimension); [x] for one backbone."""
+    return list(x.split(list(widths), -1)) if widths and len(widths) > 1 else [x]
+
+
+def fit_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float = WEIGHT_DECAY,
+             widths: Sequence[int] | None = None) -> Head:
     """Fit by full-batch L-BFGS with class-balanced loss, so a rare class is not ignored.
-    Deterministic: it starts from zeros, and the problem is convex."""
+    Deterministic: it starts from zeros, and the problem is convex. With `widths` (an ensemble's
+    members' feature widths, BackboneSpec.widths), one head per member, averaged (Head.ensemble)."""
+    if len(_split(x, widths)) > 1:
+        return Head.ensemble([fit_head(part, y, n_classes, weight_decay) for part in _split(x, widths)])
     x = x.float()
     head = Head(x.shape[1], n_classes)
     head.mean.copy_(x.mean(0))
@@ -181,12 +218,18 @@ def fold_count(y: torch.Tensor, n_classes: int, max_folds: int = 5) -> int:
 
 
 def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int = 0,
-                       max_folds: int = 5, repeats: int = 1, views: torch.Tensor | None = None) -> torch.Tensor:
+                       max_folds: int = 5, repeats: int = 1, views: torch.Tensor | None = None,
+                       widths: Sequence[int] | None = None) -> torch.Tensor:
     """(repeats, N, C) logits of fit_head's model for every photo from a fit that never saw it:
     stratified K-fold, repeated with different folds (seed, seed + 1, ...). All the folds of all
     the repeats are fitted together (_fit_linear). With `views` (N, K, D), each fit also trains on
     the augmented views of its training photos, as the delivered head does; a held-out photo's
-    views stay out of its fit."""
+    views stay out of its fit. With `widths`, an ensemble's: its members' on the same folds, averaged
+    as Head.ensemble averages them."""
+    if len(_split(x, widths)) > 1:
+        parts = zip(_split(x, widths), _split(views, widths) if views is not None else [None] * len(widths))
+        return mean_probability(torch.stack([out_of_fold_logits(part, y, n_classes, seed, max_folds, repeats, v)
+                                             for part, v in parts]), 0)
     n_folds = fold_count(y, n_classes, max_folds)
     splits = [stratified_folds(y, n_folds, seed + r) for r in range(repeats)]
     x = x.float()

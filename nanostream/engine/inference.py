@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from .. import paths
-from .backbones import Backbone, build_architecture, get_spec, load_backbone, weights_key
+from .backbones import Backbone, Ensemble, averaged_head, build_architecture, get_spec, load_backbone, weights_key
 
 _CLAMPS = {nn.ReLU6: (0.0, 6.0), nn.ReLU: (0.0, None)}
 
@@ -212,8 +212,8 @@ def prepared_path(name: str, mode: str) -> Path:
     return paths.backbones_dir() / f"{name}-{mode}-{weights_key(name)}-v{PREPARED_VERSION}.safetensors"
 
 
-@functools.lru_cache(maxsize=4)
-def inference_backbone(name: str, device: str, mode: str) -> Backbone:
+@functools.lru_cache(maxsize=8)
+def inference_backbone(name: str, device: str, mode: str) -> Backbone | Ensemble:
     """The for_inference copy of a registry backbone: what feature extraction and predict run.
 
     The first call on a machine rewrites the network and checks the rewrite (~0.1-0.2 s on top of
@@ -221,8 +221,9 @@ def inference_backbone(name: str, device: str, mode: str) -> Backbone:
     with the rewritten structure described (describe()); later processes build that structure on
     the meta device and read the file (~0.06 s), without timm: importing it (and the torchvision
     and torch compiler it imports) was ~2 s of a new process on an AVX-512 EPYC, ~6 s on a slower
-    AVX2-only one, for a network that runs none of their code once rewritten.
-    """
+    AVX2-only one, for a network that runs none of their code once rewritten. An ensemble: its members'."""
+    if (spec := get_spec(name)).members:
+        return Ensemble(spec, [inference_backbone(member, device, mode) for member in spec.members])
     path = prepared_path(name, mode)
     fast = _read_prepared(name, mode, path)
     if fast is None:
@@ -237,6 +238,8 @@ def imagenet_head(name: str, device: str, mode: str) -> nn.Module:
     on disk: a build whose features are all cached needs only this 1000-class layer (the "none of
     these" check measures in its space), and reading the whole network is reading every weight
     of it (a copy without a described structure also imports timm and torchvision)."""
+    if members := get_spec(name).members:
+        return averaged_head([imagenet_head(member, device, mode) for member in members])
     try:
         with safe_open(prepared_path(name, mode), framework="pt") as kept:
             weight, bias = kept.get_tensor("imagenet_head.weight"), kept.get_tensor("imagenet_head.bias")

@@ -98,7 +98,8 @@ class Classifier:
         if meta.get("backbone_weights") != weights_fingerprint(name):
             raise BundleError(f"model was trained on other {name} weights than the ones installed here")
         head_tensors = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
-        self.head = Head(head_tensors["linear.weight"].shape[1], len(self.labels))
+        rows, width = head_tensors["linear.weight"].shape  # an ensemble's: a layer per member (bundle checks it)
+        self.head = Head(width, len(self.labels), rows // len(self.labels))
         self.head.load_state_dict(head_tensors)
         self.head = self.head.to(self.device).eval()
         changed = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
@@ -178,8 +179,7 @@ class Classifier:
             twin = copy.copy(self)
             twin.backbone = shared
             return twin
-        size = self.spec.input_size
-        example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        example = torch.rand(2, 3, *self.spec.input_shape, generator=torch.Generator().manual_seed(0))
         example = example.to(self.device)
         try:
             with torch.inference_mode(), warnings.catch_warnings():

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..engine.backbone_specs import REGISTRY
+from ..engine.backbone_specs import get_spec
 
 if TYPE_CHECKING:
     from ..engine.train import TrainConfig
@@ -81,7 +81,7 @@ class BuildProgress:
     def __init__(self, stages: tuple[Stage, ...]):
         self.stages = stages
         names = {s.backbone for s in stages if s.backbone}
-        self._gflops = {name: REGISTRY[name].gflops for name in names}
+        self._gflops = {name: get_spec(name).gflops for name in names}
         self._chosen = sum(self._gflops.values()) / len(names) if names else 1.0
         self._at = -1           # the planned stage running now
         self._last = ("", 0)    # the last report's stage and count: the same stage goes on, or a new one began
@@ -98,8 +98,8 @@ class BuildProgress:
             return self._shown
         self._at = current
         backbone = stage.removeprefix(self.stages[current].prefix).strip()
-        if self.stages[current].backbone is None and backbone in self._gflops:
-            self._chosen = self._gflops[backbone]  # the choice is made: its stages cost its GFLOPs
+        if self.stages[current].backbone is None and backbone:
+            self._chosen = _gflops(backbone, self._chosen)  # the choice is made: its stages cost its GFLOPs
         finished = sum(self.work(s) for s in self.stages[:current])
         share = self.work(self.stages[current]) * (done / total if total else 0.0)
         whole = sum(self.work(s) for s in self.stages) or 1.0
@@ -115,6 +115,14 @@ class BuildProgress:
             if stage.startswith(planned.prefix + " ") and planned.backbone in (None, stage[len(planned.prefix) + 1:]):
                 return i
         return None
+
+
+def _gflops(backbone: str, otherwise: float) -> float:
+    """A backbone's or an ensemble's GFLOPs (what a stage's name says after its kind)."""
+    try:
+        return get_spec(backbone).gflops
+    except ValueError:
+        return otherwise
 
 
 def seconds_left(elapsed: float, fraction: float) -> float | None:
