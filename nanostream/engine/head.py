@@ -45,8 +45,6 @@ class Head(nn.Module):
     @classmethod
     def ensemble(cls, heads: Sequence[Head]) -> Head:
         """One head for features side by side that averages these heads' probabilities."""
-        if len(heads) == 1:
-            return heads[0]
         head = cls(sum(len(h.mean) for h in heads), heads[0].linear.out_features, len(heads))
         with torch.no_grad():
             head.mean.copy_(torch.cat([h.mean for h in heads]))
@@ -72,8 +70,9 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: flo
     """Fit by full-batch L-BFGS with class-balanced loss, so a rare class is not ignored.
     Deterministic: it starts from zeros, and the problem is convex. With `widths` (an ensemble's
     members' feature widths, BackboneSpec.widths), one head per member, averaged (Head.ensemble)."""
-    if len(_split(x, widths)) > 1:
-        return Head.ensemble([fit_head(part, y, n_classes, weight_decay) for part in _split(x, widths)])
+    parts = _split(x, widths)
+    if len(parts) > 1:
+        return Head.ensemble([fit_head(part, y, n_classes, weight_decay) for part in parts])
     x = x.float()
     head = Head(x.shape[1], n_classes)
     head.mean.copy_(x.mean(0))
@@ -226,10 +225,11 @@ def out_of_fold_logits(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: i
     the augmented views of its training photos, as the delivered head does; a held-out photo's
     views stay out of its fit. With `widths`, an ensemble's: its members' on the same folds, averaged
     as Head.ensemble averages them."""
-    if len(_split(x, widths)) > 1:
-        parts = zip(_split(x, widths), _split(views, widths) if views is not None else [None] * len(widths))
+    parts = _split(x, widths)
+    if len(parts) > 1:
+        member_views = _split(views, widths) if views is not None else [None] * len(parts)
         return mean_probability(torch.stack([out_of_fold_logits(part, y, n_classes, seed, max_folds, repeats, v)
-                                             for part, v in parts]), 0)
+                                             for part, v in zip(parts, member_views)]), 0)
     n_folds = fold_count(y, n_classes, max_folds)
     splits = [stratified_folds(y, n_folds, seed + r) for r in range(repeats)]
     x = x.float()
@@ -255,5 +255,9 @@ def cross_val_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: i
                        repeats: int = 1) -> float:
     """Stratified K-fold accuracy of fit_head's model, the mean over `repeats` rounds with other folds
     (out_of_fold_logits); the folds are fitted together (_fit_linear)."""
-    predicted = out_of_fold_logits(x, y, n_classes, seed, max_folds, repeats).argmax(2)
-    return int((predicted == y).sum()) / predicted.numel()
+    return oof_accuracy(out_of_fold_logits(x, y, n_classes, seed, max_folds, repeats), y)
+
+
+def oof_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The share of right answers over every round of out-of-fold logits (repeats, N, C)."""
+    return int((logits.argmax(2) == y).sum()) / (logits.shape[0] * logits.shape[1])

@@ -31,7 +31,7 @@ from .data import Dataset, LabeledImage, check_trainable, stratified_split
 from .device import default_device, precision
 from .features import FeatureCache, Features, extract_features
 from .inference import imagenet_head
-from .head import Head, fit_head, mean_probability, out_of_fold_logits
+from .head import Head, fit_head, mean_probability, oof_accuracy, out_of_fold_logits
 from .metrics import Estimate, classification_report, estimate
 from .unknown import UnknownDetector, fit_unknown
 
@@ -170,7 +170,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     oofs = {name: out_of_fold_logits(_rows_of(feats, scored), y_scored, len(labels), config.seed, repeats=repeats)
             for name, feats in pool_features.items()} if len(names) > 1 else {}
     for name in pool_features:
-        score = _accuracy(oofs[name], y_scored) if name in oofs else None
+        score = oof_accuracy(oofs[name], y_scored) if name in oofs else None
         candidates.append(Candidate(name, score, seconds[name], backbones.get_spec(name).gflops,
                                     photos=len(scored) if score is not None else 0))
     candidates.sort(key=lambda c: names.index(c.backbone))
@@ -245,11 +245,6 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
         skipped=skipped, finetune_metrics=finetune_metrics)
 
 
-def _accuracy(oof: torch.Tensor, y: torch.Tensor) -> float:
-    """The share of right answers over every round of out-of-fold logits (repeats, N, C)."""
-    return int((oof.argmax(2) == y).sum()) / (oof.shape[0] * oof.shape[1])
-
-
 def _ensembles(oofs: dict[str, torch.Tensor], y: torch.Tensor, seconds: dict[str, float]) -> list[Candidate]:
     """Every pair and trio (up to MAX_MEMBERS) of the scored candidates, each scored on the same
     folds as they were: the mean of their heads' out-of-fold probabilities, what Head.ensemble
@@ -262,7 +257,7 @@ def _ensembles(oofs: dict[str, torch.Tensor], y: torch.Tensor, seconds: dict[str
         for members in itertools.combinations(oofs, size):
             name = ensemble_name(members)
             mean = mean_probability(torch.stack([oofs[m] for m in members]), 0)
-            found.append(Candidate(name, _accuracy(mean, y), sum(seconds[m] for m in members),
+            found.append(Candidate(name, oof_accuracy(mean, y), sum(seconds[m] for m in members),
                                    backbones.get_spec(name).gflops, photos=len(y)))
     return found
 
