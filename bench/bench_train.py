@@ -3,7 +3,7 @@
 For hymenoptera (20 train images per class, scored on its val/) and flowers (20 per class,
 scored on the other 60 per class) it prints accuracy and seconds of both, and their ratio;
 then the rebuild after adding 10% more images, peak memory of a 1,000-image build, and the
-time to classify one image against the backbone's own forward time.
+time to classify one image against the backbone's own forward time (the build's, and an ensemble's).
 
     python bench/bench_train.py            # everything (about 10 minutes on 2 CPU cores)
     python bench/bench_train.py --quick    # skip the 1,000-image memory run
@@ -47,6 +47,7 @@ from nanostream.engine.data import scan_folder  # noqa: E402
 from nanostream.engine.device import machine_summary  # noqa: E402
 from nanostream.engine.features import FeatureCache  # noqa: E402
 from nanostream.engine.images import load_image  # noqa: E402
+from nanostream.engine.models import save_trained  # noqa: E402
 from nanostream.paths import datasets_dir  # noqa: E402
 from nanostream.engine.train import TrainConfig, train  # noqa: E402
 
@@ -146,6 +147,7 @@ def baseline_finetune(data: Path, name: str, epochs: int = 10, seed: int = 0) ->
 
 SPEEDUP, REBUILD_SPEEDUP, ONE_IMAGE = 10.0, 5.0, 1.3   # ×, ×, and one image's cost over its forward
 APP_FIRST_S, APP_REBUILD_S = 8.0, 2.0                  # the sample project in the app, warm worker
+ENSEMBLE = "efficientnet_lite0+efficientnet_lite2"     # the one-image check's ensemble
 
 
 def print_targets(figures: dict) -> None:
@@ -161,9 +163,11 @@ def print_targets(figures: dict) -> None:
                            f["speedup"] >= SPEEDUP and f["nanostream_accuracy"] >= f["baseline_accuracy"]),
                       line(f"{name}: rebuild >= {REBUILD_SPEEDUP:.0f}x", f"{f['rebuild_speedup']:.1f}x",
                            f["rebuild_speedup"] >= REBUILD_SPEEDUP)]
-    if "latency" in figures:
-        ratio = figures["latency"]["ratio"]
-        lines.append(line(f"one image <= {ONE_IMAGE}x the backbone's forward", f"{ratio:.2f}x", ratio <= ONE_IMAGE))
+    for key in ("latency", "latency_ensemble"):
+        if key in figures:
+            f = figures[key]
+            lines.append(line(f"one image <= {ONE_IMAGE}x the backbone's forward ({f['backbone']})",
+                              f"{f['ratio']:.2f}x", f["ratio"] <= ONE_IMAGE))
     if "warm" in figures:
         warm = figures["warm"]
         lines += [line(f"app, sample project, first build <= {APP_FIRST_S:.0f} s (warm worker)",
@@ -389,17 +393,17 @@ def main() -> None:
         print(f"{'':<12} train {f['n_train']}, val {f['n_val']}; candidates (cv accuracy): "
               + ", ".join(f"{k} {v:.3f}" for k, v in f["candidates"].items()), flush=True)
 
-    # one image, one model (the hymenoptera build, registered like any other)
-    from nanostream.engine.models import save_trained
-
-    result = train(scan_folder(sets["hymenoptera"]), TrainConfig(), cache=FeatureCache(work / "features-latency"))
-    model_id, _ = save_trained(result)
+    # one image: the hymenoptera build (registered like any other), and an ensemble, the pair flowers
+    # builds deliver most often: its cost is its members' forwards, and its overhead must stay as small
     photo = sorted((root / "hymenoptera/val/bees").iterdir())[0]
-    classify_s, forward_s = single_image_latency(model_id, photo)
-    figures["latency"] = {"classify_seconds": classify_s, "backbone_forward_seconds": forward_s,
-                          "ratio": classify_s / forward_s}
-    print(f"\none image: classify {classify_s * 1000:.1f} ms (decode + resize + backbone + head), "
-          f"backbone forward {forward_s * 1000:.1f} ms, ratio {classify_s / forward_s:.2f}")
+    for key, backbone in (("latency", "auto"), ("latency_ensemble", ENSEMBLE)):
+        result = train(scan_folder(sets["hymenoptera"]), TrainConfig(backbone=backbone),
+                       cache=FeatureCache(work / "features-latency"))
+        classify_s, forward_s = single_image_latency(save_trained(result)[0], photo)
+        figures[key] = {"backbone": result.backbone, "classify_seconds": classify_s,
+                        "backbone_forward_seconds": forward_s, "ratio": classify_s / forward_s}
+        print(f"\none image, {result.backbone}: classify {classify_s * 1000:.1f} ms (decode + resize + backbone "
+              f"+ head), backbone forward {forward_s * 1000:.1f} ms, ratio {classify_s / forward_s:.2f}")
 
     if not args.quick:
         peak_gb, n = peak_memory_build(root, work)

@@ -286,6 +286,27 @@ def test_a_rebuild_with_a_few_new_photos_scores_the_other_candidates_on_the_phot
     assert has_new(picked) and not has_new(others[1])
 
 
+def test_a_rebuild_of_an_ensemble_runs_its_members_on_the_new_photo_and_only_them(tiny_hymenoptera, datasets, tmp_path):
+    """The previous model was a pair: both members are its previous backbones (views made in the
+    candidate pass, the new photo's features computed); the third is scored on the photos it has."""
+    from nanostream.engine.backbone_specs import ensemble_name
+    from nanostream.engine.device import default_device, precision
+    from nanostream.store.records import content_hash
+
+    data = shutil.copytree(tiny_hymenoptera, tmp_path / "data")
+    cache = FeatureCache(tmp_path / "features")
+    config = TrainConfig(augment="none")
+    first = train(scan_folder(data), config, cache=cache)
+    *pair, third = [c.backbone for c in first.candidates if "+" not in c.backbone]
+    new = sorted((datasets / "hymenoptera" / "train" / "ants").iterdir())[6]  # the slice holds the first 6
+    shutil.copy(new, data / "train" / "ants" / new.name)
+    digest, mode = content_hash(new.read_bytes()), precision(default_device())
+
+    again = train(scan_folder(data), dataclasses.replace(config, prefer=ensemble_name(pair)), cache=cache)
+    assert again.n_train == 13 and {c.photos for c in again.candidates} == {12}
+    assert [cache.get(digest, name, mode, "original") is not None for name in (*pair, third)] == [True, True, False]
+
+
 def test_more_classes_than_a_model_file_holds_are_refused_before_any_work():
     from pathlib import Path
 

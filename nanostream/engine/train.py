@@ -24,7 +24,7 @@ import torch
 
 from . import backbones
 from .augment import AugmentPolicy, get_policy, with_fill
-from .backbone_specs import MAX_MEMBERS, ensemble_name
+from .backbone_specs import ENSEMBLE_SEP, MAX_MEMBERS, ensemble_name
 from .calibration import Calibration, calibrate
 from .choice import Candidate, choose_backbone
 from .data import Dataset, LabeledImage, check_trainable, stratified_split
@@ -61,7 +61,7 @@ class TrainConfig:
     val_fraction: float = 0.2     # held out when no val/ is given by the fine-tune modes only (they
                                   # compare on it); the fast path measures every photo out of fold
     finetune_epochs: int = 10     # the tutorial recipe's count; few images make epochs cheap
-    prefer: str | None = None     # the previous build's backbone: kept unless another's cross-validated
+    prefer: str | None = None     # the previous build's backbone (or ensemble): kept unless another's cross-validated
                                   # accuracy is more than one image better (CV on tens of images moves
                                   # by about that between rebuilds, and a switch recomputes every view)
     selection: str = "best"       # choice.choose_backbone's rule: "best" or "one-se"
@@ -140,14 +140,17 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     skipped: list[tuple[str, str]] = list(dataset.skipped)
     candidates, pool_features, seconds = [], {}, {}
     train_items = val_items = early_val = None
-    for name in sorted(names, key=lambda n: n != config.prefer):
+    # The previous build's backbone, or each member of its ensemble
+    preferred = set(config.prefer.split(ENSEMBLE_SEP)) if config.prefer else set()
+    for name in sorted(names, key=lambda n: n not in preferred):
         t0 = time.perf_counter()
         try:
-            feats = features_of(pool, name, only_cached=True) if config.prefer in pool_features else None
+            rescore = preferred and preferred <= pool_features.keys()
+            feats = features_of(pool, name, only_cached=True) if rescore else None
             if feats is None or len(feats.kept) < (1 - RESCORE_NEW) * len(pool):
                 # The previous build's backbone usually stays (see TrainConfig.prefer): its views are
                 # made in its candidate pass, and its validation features just after, not after the choice.
-                feats = features_of(pool, name, policy.views if name == config.prefer else 0)
+                feats = features_of(pool, name, policy.views if name in preferred else 0)
         except backbones.BackboneUnavailable as exc:
             candidates.append(Candidate(name, None, 0.0, backbones.get_spec(name).gflops, str(exc)))
             continue
