@@ -152,7 +152,10 @@ def test_whole_flow_in_a_browser(app_url, browser, shots, datasets):
 
     # 3. build with the default options, watch it, read the results
     _nav(page, "Build")
-    page.get_by_text("copy 4").first.wait_for()  # the augmentation preview
+    # the augmentation preview: the copies the default policy's build makes, and no more
+    page.get_by_text("the 2 augmented copies the build makes of it").wait_for()
+    page.get_by_text("copy 2").first.wait_for()
+    assert page.get_by_text("copy 3").count() == 0
     shots(page, "04-build-options")
     page.get_by_role("button", name="Build model").click()
     page.get_by_role("button", name="Cancel").wait_for()

@@ -12,6 +12,7 @@ from .. import charts
 from ..flows.build import BuildSummary, accuracy_in_words, candidate_table, class_table
 
 PREVIEW_WIDTH = 110  # px a picture: the original and four copies fit beside the row's label at 1280 px
+PREVIEW_COPIES = 4  # shown at most: the copies a build makes are views 1, 2, ... of each photo (preview.py)
 
 
 @st.cache_data(ttl=300, show_spinner="Loading the build options…")
@@ -34,7 +35,7 @@ def build_choices() -> dict:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def augmentation_preview(image_paths: Sequence[str], policy_name: str, fill: str | None,
-                         views: int = 4, backbone: str = "efficientnet_lite0") -> list[list]:
+                         views: int, backbone: str = "efficientnet_lite0") -> list[list]:
     """engine.preview.augmented_views, cached: torch loads only when a preview is drawn."""
     from ..engine.preview import augmented_views
 
@@ -64,14 +65,19 @@ def build_options_ui(preview: Sequence[tuple[str, str]], preview_open: bool = Tr
         views = st.number_input("Augmented copies per photo", 0, 16, choices["views"][policy], key=f"build_views_{policy}")
     go = st.button("Build model", type="primary", key="build_go", icon=":material/model_training:")
     if preview:
-        with st.expander("Preview: each photo as the model sees it, then four augmented copies", expanded=preview_open):
-            preview_rows_ui(preview, policy, fill)
+        shown = min(int(views), PREVIEW_COPIES)
+        copies = (f"the {shown} augmented copies the build makes of it" if shown == views
+                  else f"the first {shown} of the {int(views)} augmented copies the build makes of it")
+        title = f"Preview: each photo as the model sees it, then {copies}" if views else \
+            "Preview: each photo as the model sees it (no augmented copies: Advanced options)"
+        with st.expander(title, expanded=preview_open):
+            preview_rows_ui(preview, policy, fill, shown)
     return dict(backbone=backbone, augment=policy, fill=fill, views=int(views), mode=mode) if go else None
 
 
-def preview_rows_ui(preview: Sequence[tuple[str, str]], policy: str, fill: str) -> None:
+def preview_rows_ui(preview: Sequence[tuple[str, str]], policy: str, fill: str, views: int) -> None:
     with st.spinner("Drawing the preview…"):
-        rows = augmentation_preview(tuple(path for _, path in preview), policy, fill)
+        rows = augmentation_preview(tuple(path for _, path in preview), policy, fill, views)
     for (category, _), row in zip(preview, rows):
         label, pictures = st.columns([1, 6], vertical_alignment="center")
         label.markdown(f"**{category}**")
