@@ -4,8 +4,10 @@ measure(dataset) copies `per_class` photos of each category of a shared set into
 moves 10% of them to another category (swapped labels), adds 10% more photos from another shared
 set to random categories (off-topic), runs review.rank_suspicious (the ranking the app shows) and
 counts: of the photos flagged, how many were planted (precision); of the planted, how many were
-flagged (recall). bench/bench_quality.py imports it; alone it prints one line per seed and dataset
-and the pooled counts with 95% Wilson intervals:
+flagged (recall); and, going down the ranking in the order the review shows it, the share planted
+among the photos seen by the time 80% of the planted ones are (precision_at_recall: what any
+threshold on that order could reach). bench/bench_quality.py imports it; alone it prints one
+line per seed and dataset and the pooled counts with 95% Wilson intervals:
 
     python bench/label_noise.py [--per-class 20] [--seeds 3]
 """
@@ -31,6 +33,7 @@ class LabelNoiseResult:
     planted: int               # swapped + off-topic
     flagged: int               # photos with any reason in the ranking
     found: int                 # planted and flagged
+    in_order: tuple[bool, ...] = ()  # planted or not, every photo in the order the review shows them (_order)
 
     @property
     def precision(self) -> float:
@@ -80,7 +83,26 @@ def measure(dataset_dir: Path, per_class: int = 20, seed: int = 0,
         ranked = rank_suspicious(store, "noisy")  # features from the usual cache: reruns are cheap
         by_hash = {r.id: r.content_hash for r in store.list_images("noisy")}
     flagged = {by_hash[s.image_id] for suspects in ranked.values() for s in suspects if s.flagged}
-    return LabelNoiseResult(dataset_dir.name, len(by_hash), len(planted), len(flagged), len(flagged & planted))
+    in_order = tuple(by_hash[s.image_id] in planted for s in _order(ranked))
+    return LabelNoiseResult(dataset_dir.name, len(by_hash), len(planted), len(flagged), len(flagged & planted), in_order)
+
+
+def _order(ranked) -> list:
+    """Every category's ranking as one list, in the review's own order (facts, then findings, then the rest)."""
+    from nanostream.flows.review import review_order
+
+    return sorted((s for suspects in ranked.values() for s in suspects), key=review_order)
+
+
+def precision_at_recall(results: list[LabelNoiseResult], recall: float = 0.8) -> float:
+    """The share of planted photos among the first k of each copy's ranking, at the least k that
+    finds `recall` of the planted photos over all copies: the best one threshold on the ranking's
+    order reaches, whatever the review flags."""
+    for k in range(1, max(len(r.in_order) for r in results) + 1):
+        found = sum(sum(r.in_order[:k]) for r in results)
+        if found >= recall * sum(r.planted for r in results):
+            return found / sum(len(r.in_order[:k]) for r in results)
+    return 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         r_lo, r_hi = wilson(found, planted)
         print(f"{name}, {args.per_class} per class, {args.seeds} noisy copies pooled: precision {found}/{flagged} = "
               f"{found / max(flagged, 1):.2f} (95% {p_lo:.2f}-{p_hi:.2f}), recall {found}/{planted} = "
-              f"{found / max(planted, 1):.2f} (95% {r_lo:.2f}-{r_hi:.2f})")
+              f"{found / max(planted, 1):.2f} (95% {r_lo:.2f}-{r_hi:.2f}); in the review's order, the "
+              f"photos down to where 80% of the planted are found were {precision_at_recall(results):.2f} planted")
 
 
 if __name__ == "__main__":

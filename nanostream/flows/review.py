@@ -272,7 +272,7 @@ def rank_suspicious(store: Store, project: str, backbones: Sequence[str] = REVIE
     for record in records:
         ranked[record.category].append(SuspectImage(record.id, scores[record.id], tuple(reasons[record.id])))
     for name in ranked:
-        ranked[name].sort(key=lambda s: (_tier(s), -s.score, s.image_id))
+        ranked[name].sort(key=review_order)
     return ranked
 
 
@@ -306,6 +306,12 @@ FACTS = {Finding.UNREADABLE, Finding.COPY, Finding.CONFLICT}  # certain, unlike 
 def _tier(suspect: SuspectImage) -> int:
     """0: a fact to act on, 1: a finding about its content, 2: nothing found."""
     return 0 if any(r.finding in FACTS for r in suspect.reasons) else 1 if suspect.flagged else 2
+
+
+def review_order(suspect: SuspectImage) -> tuple[int, float, int]:
+    """The ranking's sort key: facts to act on, then findings about content, then the rest; within
+    each, the higher score first."""
+    return _tier(suspect), -suspect.score, suspect.image_id
 
 
 # ---------------------------------------------------------------- before a build
