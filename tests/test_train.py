@@ -289,7 +289,7 @@ def test_a_rebuild_with_a_few_new_photos_scores_the_other_candidates_on_the_phot
 def test_a_rebuild_of_an_ensemble_runs_its_members_on_the_new_photo_and_only_them(tiny_hymenoptera, datasets, tmp_path):
     """The previous model was a pair: both members are its previous backbones (views made in the
     candidate pass, the new photo's features computed); the third is scored on the photos it has."""
-    from nanostream.engine.backbone_specs import ensemble_name
+    from nanostream.engine.backbone_specs import ENSEMBLE_SEP, ensemble_name
     from nanostream.engine.device import default_device, precision
     from nanostream.store.records import content_hash
 
@@ -297,7 +297,7 @@ def test_a_rebuild_of_an_ensemble_runs_its_members_on_the_new_photo_and_only_the
     cache = FeatureCache(tmp_path / "features")
     config = TrainConfig(augment="none")
     first = train(scan_folder(data), config, cache=cache)
-    *pair, third = [c.backbone for c in first.candidates if "+" not in c.backbone]
+    *pair, third = [c.backbone for c in first.candidates if ENSEMBLE_SEP not in c.backbone]
     new = sorted((datasets / "hymenoptera" / "train" / "ants").iterdir())[6]  # the slice holds the first 6
     shutil.copy(new, data / "train" / "ants" / new.name)
     digest, mode = content_hash(new.read_bytes()), precision(default_device())

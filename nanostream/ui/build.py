@@ -66,10 +66,13 @@ def build_options_ui(preview: Sequence[tuple[str, str]], preview_open: bool = Tr
     go = st.button("Build model", type="primary", key="build_go", icon=":material/model_training:")
     if preview:
         shown = min(int(views), PREVIEW_COPIES)
-        copies = (f"the {shown} augmented copies the build makes of it" if shown == views
-                  else f"the first {shown} of the {int(views)} augmented copies the build makes of it")
-        title = f"Preview: each photo as the model sees it, then {copies}" if views else \
-            "Preview: each photo as the model sees it (no augmented copies: Advanced options)"
+        title = "Preview: each photo as the model sees it"
+        if not views:
+            title += " (no augmented copies: Advanced options)"
+        elif shown == views:
+            title += f", then the {shown} augmented copies the build makes of it"
+        else:
+            title += f", then the first {shown} of the {int(views)} augmented copies the build makes of it"
         with st.expander(title, expanded=preview_open):
             preview_rows_ui(preview, policy, fill, shown)
     return dict(backbone=backbone, augment=policy, fill=fill, views=int(views), mode=mode) if go else None
