@@ -221,8 +221,8 @@ def label_noise_figures(root: Path, per_class: int, seeds: list[int]) -> None:
         (p_lo, p_hi), (r_lo, r_hi) = wilson_interval(found, flagged), wilson_interval(found, planted)
         print(f"label issues, {name} ({len(seeds)} noisy copies, {planted} planted): precision {found}/{flagged} = "
               f"{found / max(flagged, 1):.2f} ({p_lo:.2f}-{p_hi:.2f}), recall {found}/{planted} = "
-              f"{found / max(planted, 1):.2f} ({r_lo:.2f}-{r_hi:.2f}); in the review's order, "
-              f"{label_noise.precision_at_recall(results):.2f} planted down to 80% of them found")
+              f"{found / max(planted, 1):.2f} ({r_lo:.2f}-{r_hi:.2f}); rankings cut where 80% are found: "
+              f"{label_noise.precision_at_recall(results):.2f} planted above the cut")
 
 
 def main() -> None:

@@ -4,10 +4,11 @@ measure(dataset) copies `per_class` photos of each category of a shared set into
 moves 10% of them to another category (swapped labels), adds 10% more photos from another shared
 set to random categories (off-topic), runs review.rank_suspicious (the ranking the app shows) and
 counts: of the photos flagged, how many were planted (precision); of the planted, how many were
-flagged (recall); and, going down the ranking in the order the review shows it, the share planted
-among the photos seen by the time 80% of the planted ones are (precision_at_recall: what any
-threshold on that order could reach). bench/bench_quality.py imports it; alone it prints one
-line per seed and dataset and the pooled counts with 95% Wilson intervals:
+flagged (recall); and, cutting every copy's ranking (in the order the review shows it) at the
+same depth, the share planted among the photos above the cut at the shallowest cut that finds
+80% of the planted ones (precision_at_recall: the order's quality, whatever the review flags).
+bench/bench_quality.py imports it; alone it prints one line per seed and dataset and the pooled
+counts with 95% Wilson intervals:
 
     python bench/label_noise.py [--per-class 20] [--seeds 3]
 """
@@ -96,8 +97,8 @@ def _order(ranked) -> list:
 
 def precision_at_recall(results: list[LabelNoiseResult], recall: float = 0.8) -> float:
     """The share of planted photos among the first k of each copy's ranking, at the least k that
-    finds `recall` of the planted photos over all copies: the best one threshold on the ranking's
-    order reaches, whatever the review flags."""
+    finds `recall` of the planted photos over all copies: how good the order is, whatever the
+    review flags."""
     for k in range(1, max(len(r.in_order) for r in results) + 1):
         found = sum(sum(r.in_order[:k]) for r in results)
         if found >= recall * sum(r.planted for r in results):
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         r_lo, r_hi = wilson(found, planted)
         print(f"{name}, {args.per_class} per class, {args.seeds} noisy copies pooled: precision {found}/{flagged} = "
               f"{found / max(flagged, 1):.2f} (95% {p_lo:.2f}-{p_hi:.2f}), recall {found}/{planted} = "
-              f"{found / max(planted, 1):.2f} (95% {r_lo:.2f}-{r_hi:.2f}); in the review's order, the "
-              f"photos down to where 80% of the planted are found were {precision_at_recall(results):.2f} planted")
+              f"{found / max(planted, 1):.2f} (95% {r_lo:.2f}-{r_hi:.2f}); each copy's ranking cut at the depth that "
+              f"finds 80% of the planted: {precision_at_recall(results):.2f} planted above the cut")
 
 
 if __name__ == "__main__":
