@@ -20,7 +20,7 @@ from nanostream.engine import backbones
 from nanostream.engine.bundle import BundleError, read_bundle, read_header, save_bundle
 from nanostream.engine.images import normalize_image
 from nanostream.engine.train import TrainConfig
-from nanostream.flows.build import BuildSummary, accuracy_in_words, photos_to_fix, unsure_photos
+from nanostream.flows.build import BuildSummary, accuracy_in_words, backbone_in_words, photos_to_fix, unsure_photos
 from nanostream.store.db import Store
 from nanostream.store.records import Provenance
 
@@ -154,3 +154,12 @@ def test_a_build_stored_before_the_summary_existed_still_reads(store):
     assert [(entry.predicted, record.id) for entry, record in fixes] == [("bees", ant.id)]
     assert unsure_photos(store, "insects", summary, not_sure=0.95) == []  # the only one is wrong, not unsure
     assert accuracy_in_words(summary) == "50% on 2 held-out photos"  # no interval then: said as before
+
+
+def test_an_ensemble_is_named_for_what_it_is():
+    assert backbone_in_words("efficientnet_lite2") == "efficientnet_lite2"
+    assert backbone_in_words("efficientnet_lite0+efficientnet_lite2") == (
+        "efficientnet_lite0 and efficientnet_lite2, an ensemble: each photo goes through both "
+        "and their answers are averaged")
+    assert backbone_in_words("efficientnet_lite0+efficientnet_lite1+efficientnet_lite2").startswith(
+        "efficientnet_lite0, efficientnet_lite1 and efficientnet_lite2, an ensemble: each photo goes through all 3 ")

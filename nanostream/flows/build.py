@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..engine.backbone_specs import ENSEMBLE_SEP
 from ..engine.choice import Candidate
 from ..store.licenses import bundle_credits
 from ..store.records import ImageRecord, Project, StoreError
@@ -227,6 +228,17 @@ def accuracy_in_words(summary: BuildSummary) -> str:
     else:
         where = f"{summary.n_val} validation photos it never saw"
     return f"about {summary.accuracy:.0%} ({low:.0%}–{high:.0%}), measured on {where}"
+
+
+def backbone_in_words(name: str) -> str:
+    """A backbone as the Build page names it; an ensemble says what it is: "efficientnet_lite0 and
+    efficientnet_lite2, an ensemble: each photo goes through both and their answers are averaged"."""
+    members = name.split(ENSEMBLE_SEP)
+    if len(members) == 1:
+        return name
+    each = "both" if len(members) == 2 else f"all {len(members)}"
+    return (f"{', '.join(members[:-1])} and {members[-1]}, an ensemble: each photo goes through {each} "
+            "and their answers are averaged")
 
 
 def photos_to_fix(store: Store, project: str, summary: BuildSummary) -> list[tuple[HeldOut, ImageRecord]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from .. import charts
-from ..flows.build import BuildSummary, accuracy_in_words, candidate_table, class_table
+from ..flows.build import BuildSummary, accuracy_in_words, backbone_in_words, candidate_table, class_table
 
 PREVIEW_WIDTH = 110  # px a picture: the original and four copies fit beside the row's label at 1280 px
 PREVIEW_COPIES = 4  # shown at most: the copies a build makes are views 1, 2, ... of each photo (preview.py)
@@ -99,7 +99,8 @@ def summary_ui(summary: BuildSummary) -> None:
                          "accuracy could be anywhere in it.")
     device.metric("Built on", "GPU" if summary.gpu else "CPU", help=f"{summary.device}, {summary.precision} "
                   "arithmetic" + ("" if summary.gpu else "; no GPU was found on this machine"))
-    st.caption(f"Backbone **{summary.backbone}** · mode **{summary.mode}** · augmentation **{summary.augment}** "
+    st.caption(f"Backbone **{backbone_in_words(summary.backbone)}** · mode **{summary.mode}** · "
+               f"augmentation **{summary.augment}** "
                f"({summary.views} copies per photo, fill {summary.fill}) · {summary.n_train} training photos · "
                f"{summary.seconds:.0f} s")
     if summary.advice:
