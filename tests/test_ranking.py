@@ -65,6 +65,21 @@ def test_mislabelled_and_off_topic_points_rank_first():
     assert set(order[:2]) == {6, 7}
 
 
+def test_a_photo_looks_like_another_category_only_when_it_is_also_nearer_that_category(monkeypatch):
+    """Confident learning proposes; the photo must also sit nearer another category's centre than
+    its own, or no "looks like" is said (a correct but unusual photo the head got wrong)."""
+    import nanostream.flows.review as review
+
+    cats = torch.tensor([[1.0, 0.1, 0.0]]) + 0.05 * torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    dogs = torch.tensor([[0.1, 1.0, 0.0]]) + 0.05 * torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    x = torch.cat([cats, torch.tensor([[0.1, 1.0, 0.0]]), dogs])  # row 6: a dog filed as a cat
+    y = torch.tensor([0] * 7 + [1] * 6)
+    monkeypatch.setattr(review, "label_issues", lambda probs, labels: {0: 1, 6: 1})  # a typical cat, and the dog
+    _, reasons = review.content_reasons(x, torch.nn.functional.normalize(x, dim=1), y, ["cats", "dogs"])
+    assert [r.finding for r in reasons.get(6, [])][:1] == [Finding.LOOKS_LIKE]
+    assert Finding.LOOKS_LIKE not in [r.finding for r in reasons.get(0, [])]
+
+
 # ---------------------------------------------------------------- real photos in a store
 
 

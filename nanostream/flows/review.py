@@ -190,10 +190,18 @@ def content_reasons(features: torch.Tensor, semantic: torch.Tensor, labels: torc
     """Each row's suspicion score, and the reasons found for rows that look mislabelled
     ("looks like rose (91%)": the out-of-fold probability of that category) or off-topic
     ("unlike every other photo of daisy", from `semantic`: unit rows, see off_topic). Mislabelled
-    photos need 2 categories of 2 or more photos."""
+    photos need 2 categories of 2 or more photos.
+
+    A photo confident learning flags is said to look like another category only when it is also
+    nearer another category's centre than its own (suspicion_scores): two views of the features
+    that agree. Most false alarms were correctly filed photos that the out-of-fold head alone got
+    wrong. bench/label_noise.py --seeds 12, without this -> with it: precision 0.74 -> 0.77
+    (hymenoptera) and 0.61 -> 0.64 (flowers), recall 0.79 -> 0.78 and 0.82 -> 0.80; of the 28
+    flags it dropped, 22 were correctly filed photos. Precision rose on copies 0-5 and 6-11 alike."""
     import torch
 
     result = suspicion_scores(features, labels, len(categories))
+    nearer_another = result.other_distance < result.own_distance
     reasons: dict[int, list[Reason]] = {}
     present = [c for c in range(len(categories)) if int((labels == c).sum()) >= 2]
     rows = torch.isin(labels, torch.tensor(present)).nonzero().flatten()
@@ -202,6 +210,8 @@ def content_reasons(features: torch.Tensor, semantic: torch.Tensor, labels: torc
         y = torch.tensor([index[int(c)] for c in labels[rows]])
         probs = out_of_fold_probabilities(features[rows], y, len(present))
         for row, other in label_issues(probs, y).items():
+            if not nearer_another[rows[row]]:
+                continue
             reasons.setdefault(int(rows[row]), []).append(
                 Reason(Finding.LOOKS_LIKE, f"looks like {categories[present[other]]} ({float(probs[row, other]):.0%})"))
     for row in off_topic(semantic, labels):
