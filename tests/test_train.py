@@ -259,20 +259,8 @@ def test_a_rebuild_with_a_few_new_photos_scores_the_other_candidates_on_the_phot
     on the 12 photos whose features they have, and never run on the new one; a candidate chosen
     on those photos gets the new one's features before its model is made."""
     import nanostream.engine.train as training
-    from nanostream.engine.device import default_device, precision
-    from nanostream.store.records import content_hash
 
-    data = shutil.copytree(tiny_hymenoptera, tmp_path / "data")
-    cache = FeatureCache(tmp_path / "features")
-    config = TrainConfig(augment="none")
-    first = train(scan_folder(data), config, cache=cache)
-    new = sorted((datasets / "hymenoptera" / "train" / "ants").iterdir())[6]  # the slice holds the first 6
-    shutil.copy(new, data / "train" / "ants" / new.name)
-    digest, mode = content_hash(new.read_bytes()), precision(default_device())
-
-    def has_new(backbone: str) -> bool:
-        return cache.get(digest, backbone, mode, "original") is not None
-
+    data, cache, config, first, has_new = _built_then_one_new_photo(tiny_hymenoptera, datasets, tmp_path)
     again = train(scan_folder(data), dataclasses.replace(config, prefer=first.backbone), cache=cache)
     others = [c.backbone for c in again.candidates if c.backbone != first.backbone]
     assert again.n_train == 13 and {c.photos for c in again.candidates} == {12}
@@ -290,6 +278,17 @@ def test_a_rebuild_of_an_ensemble_runs_its_members_on_the_new_photo_and_only_the
     """The previous model was a pair: both members are its previous backbones (views made in the
     candidate pass, the new photo's features computed); the third is scored on the photos it has."""
     from nanostream.engine.backbone_specs import ENSEMBLE_SEP, ensemble_name
+
+    data, cache, config, first, has_new = _built_then_one_new_photo(tiny_hymenoptera, datasets, tmp_path)
+    *pair, third = [c.backbone for c in first.candidates if ENSEMBLE_SEP not in c.backbone]
+    again = train(scan_folder(data), dataclasses.replace(config, prefer=ensemble_name(pair)), cache=cache)
+    assert again.n_train == 13 and {c.photos for c in again.candidates} == {12}
+    assert [has_new(name) for name in (*pair, third)] == [True, True, False]
+
+
+def _built_then_one_new_photo(tiny_hymenoptera, datasets, tmp_path):
+    """A first build of a copy of the slice, then one new ant photo in it: (data, cache, config,
+    the first build, has_new(backbone): whether the cache holds the new photo's features)."""
     from nanostream.engine.device import default_device, precision
     from nanostream.store.records import content_hash
 
@@ -297,14 +296,14 @@ def test_a_rebuild_of_an_ensemble_runs_its_members_on_the_new_photo_and_only_the
     cache = FeatureCache(tmp_path / "features")
     config = TrainConfig(augment="none")
     first = train(scan_folder(data), config, cache=cache)
-    *pair, third = [c.backbone for c in first.candidates if ENSEMBLE_SEP not in c.backbone]
     new = sorted((datasets / "hymenoptera" / "train" / "ants").iterdir())[6]  # the slice holds the first 6
     shutil.copy(new, data / "train" / "ants" / new.name)
     digest, mode = content_hash(new.read_bytes()), precision(default_device())
 
-    again = train(scan_folder(data), dataclasses.replace(config, prefer=ensemble_name(pair)), cache=cache)
-    assert again.n_train == 13 and {c.photos for c in again.candidates} == {12}
-    assert [cache.get(digest, name, mode, "original") is not None for name in (*pair, third)] == [True, True, False]
+    def has_new(backbone: str) -> bool:
+        return cache.get(digest, backbone, mode, "original") is not None
+
+    return data, cache, config, first, has_new
 
 
 def test_more_classes_than_a_model_file_holds_are_refused_before_any_work():

@@ -96,13 +96,19 @@ REVIEW_BACKBONES = tuple(sorted((name for name, spec in REGISTRY.items() if spec
 ENSEMBLE_SEP, MAX_MEMBERS = "+", 3
 
 
+def member_names(name: str) -> tuple[str, ...]:
+    """The backbones a name stands for: an ensemble's members in its order, else the name alone.
+    Unchecked (get_spec checks): a previous build's name may no longer be available."""
+    return tuple(name.split(ENSEMBLE_SEP))
+
+
 def get_spec(name: str) -> BackboneSpec:
     """The registry's spec, or an ensemble's (ensemble_spec); ValueError naming the valid ones."""
     found = REGISTRY.get(name)
     if found is not None:
         return found
     if isinstance(name, str) and ENSEMBLE_SEP in name:
-        return ensemble_spec(tuple(name.split(ENSEMBLE_SEP)))
+        return ensemble_spec(member_names(name))
     raise ValueError(f"unknown backbone '{str(name)[:80]}'; valid: {', '.join(REGISTRY)}, or up to "
                      f"{MAX_MEMBERS} of them joined by '{ENSEMBLE_SEP}'") from None
 

@@ -24,7 +24,7 @@ import torch
 
 from . import backbones
 from .augment import AugmentPolicy, get_policy, with_fill
-from .backbone_specs import ENSEMBLE_SEP, MAX_MEMBERS, ensemble_name
+from .backbone_specs import MAX_MEMBERS, ensemble_name, member_names
 from .calibration import Calibration, calibrate
 from .choice import Candidate, choose_backbone
 from .data import Dataset, LabeledImage, check_trainable, stratified_split
@@ -141,7 +141,7 @@ def train(dataset: Dataset, config: TrainConfig = TrainConfig(), on_progress: St
     candidates, pool_features, seconds = [], {}, {}
     train_items = val_items = early_val = None
     # The previous build's backbone, or each member of its ensemble
-    preferred = set(config.prefer.split(ENSEMBLE_SEP)) if config.prefer else set()
+    preferred = set(member_names(config.prefer)) if config.prefer else set()
     for name in sorted(names, key=lambda n: n not in preferred):
         t0 = time.perf_counter()
         try:

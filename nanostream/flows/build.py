@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..engine.backbone_specs import ENSEMBLE_SEP
+from ..engine.backbone_specs import member_names
 from ..engine.choice import Candidate
 from ..store.licenses import bundle_credits
 from ..store.records import ImageRecord, Project, StoreError
@@ -233,7 +233,7 @@ def accuracy_in_words(summary: BuildSummary) -> str:
 def backbone_in_words(name: str) -> str:
     """A backbone as the Build page names it; an ensemble says what it is: "efficientnet_lite0 and
     efficientnet_lite2, an ensemble: each photo goes through both and their answers are averaged"."""
-    members = name.split(ENSEMBLE_SEP)
+    members = member_names(name)
     if len(members) == 1:
         return name
     each = "both" if len(members) == 2 else f"all {len(members)}"
