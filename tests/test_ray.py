@@ -252,3 +252,35 @@ def test_an_unreachable_cluster_is_one_sentence_in_seconds():
         cluster.check_reachable("127.0.0.1:1")
     assert str(failed.value) == ("cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused); start one "
                                  "there with `ray start --head`, or unset NANOSTREAM_RAY_ADDRESS to run here")
+
+
+def test_a_stop_check_the_board_cannot_answer_in_time_lets_the_work_go_on(monkeypatch):
+    """One ActorUnavailableError while polling the board (its RPC late on a busy machine) reads as
+    "not stopped": the next poll asks again and sees a real stop."""
+    import ray
+
+    class Board:
+        class stopped:
+            @staticmethod
+            def remote(key):
+                return key
+
+    answers = iter([ray.exceptions.ActorUnavailableError("late", None), True])
+
+    def get(_ref):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    class Context:
+        @staticmethod
+        def is_canceled():
+            return False
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context)
+    monkeypatch.setattr(cluster, "POLL_S", 0.0)
+    reporter = cluster.TaskReporter(Board, "job-1")
+    assert reporter.should_stop() is False
+    assert reporter.should_stop() is True
